@@ -1,0 +1,435 @@
+"""The LoRA layer, merging, and putting adapters into a model (Hu et al., arXiv:2106.09685).
+
+A :class:`LoRALinear` wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``, whose weight is
+stored transposed) by composition, as litgpt and torchtune do. It may hold several named adapters;
+each is a pair ``A`` (r × d_in) and ``B`` (d_out × r) with a scaling s, and the layer computes
+
+    y = W0·x + b + Σ_active s · B·A·dropout(x)          (eq. 3 of the paper, with dropout on x)
+
+Because ``B`` starts at zero, a freshly injected model computes exactly the base model, bit for bit.
+``merge`` folds ``s·B·A`` into ``W0`` in place (in fp32, refusing non-finite results), ``unmerge``
+takes it out again; neither happens as a side effect of ``.eval()``.
+
+Injection is plain functions over qualified module names (PEFT's ``_replace_module`` shape):
+:func:`inject_adapter`, :func:`remove_adapter`, :func:`set_active_adapters`, :func:`merge_adapter`,
+:func:`unmerge_adapter`, :func:`swap_adapter`, :func:`unload`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import StudioError
+
+try:  # transformers' GPT-2 style layer: y = x @ W + b with W of shape (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a hard dependency, but core/lora stays usable
+    Conv1D = ()  # type: ignore[assignment]
+
+SUPPORTED_TYPES = "torch.nn.Linear and transformers' Conv1D"
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer type LoRALinear can wrap."""
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear or Conv1D, whichever way its weight is stored."""
+    if isinstance(module, LoRALinear):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if Conv1D and isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_out, d_in
+    raise StudioError(f"{type(module).__name__} cannot carry a LoRA adapter; supported: {SUPPORTED_TYPES}")
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """base(x) + s·(x·Aᵀ)·Bᵀ with a hand-written backward.
+
+    Autograd on the plain expression keeps the same tensors but runs extra elementwise passes over
+    the (tokens × d_out) activations: the scale multiply and the sum of the two output branches in
+    the forward, and the scale multiply and the sum of the two input-gradient branches in the
+    backward. Here the LoRA branch is accumulated into the base output and into the base input
+    gradient in place with ``addmm_`` (alpha = s), so each of those passes disappears. Only ``x``
+    (which the caller holds anyway) and the r-wide ``x·Aᵀ`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, transposed: bool):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if transposed:  # Conv1D: weight is (d_in, d_out)
+            out = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+        else:
+            out = F.linear(x2, weight, bias)
+        xa = x2 @ lora_a.t()  # (N, r)
+        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        ctx.scaling = scaling
+        ctx.transposed = transposed
+        ctx.shape = shape
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gb = g @ lora_b  # (N, r): the gradient reaching B·A's middle
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ (weight.t() if ctx.transposed else weight)
+            grad_x.addmm_(gb, lora_a, alpha=s)
+            grad_x = grad_x.reshape(ctx.shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ xa).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear/Conv1D plus any number of named low-rank adapters.
+
+    Attributes:
+        base_layer: the wrapped module; its weight is not copied.
+        lora_A[name]: (r, in_features).  lora_B[name]: (out_features, r).
+        scaling[name]: alpha / r, or alpha / sqrt(r) with rsLoRA.
+        active: the adapters that take part in ``forward``, in order.
+        merged: the adapters currently folded into ``base_layer.weight``.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not is_adaptable(base_layer):
+            raise StudioError(
+                f"{type(base_layer).__name__} cannot carry a LoRA adapter; supported: {SUPPORTED_TYPES}"
+            )
+        self.base_layer = base_layer
+        self.transposed = not isinstance(base_layer, nn.Linear)
+        self.out_features, self.in_features = layer_shape(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0,
+                    rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
+                    activate: bool = True) -> None:
+        """Create adapter ``name`` with A initialised by ``init`` and B = 0.
+
+        ``kaiming`` draws from the random generator in the same order as PEFT (an ``nn.Linear`` for
+        A and one for B are built, then A is drawn again), so the same seed gives PEFT's A exactly.
+        """
+        if name in self.lora_A:
+            raise StudioError(f"adapter '{name}' is already on this layer")
+        if rank < 1:
+            raise StudioError(f"rank must be at least 1 (got {rank})")
+        w = self.base_layer.weight
+        dtype = dtype or (w.dtype if w.dtype == torch.float32 else torch.float32)
+        a = torch.empty(rank, self.in_features, device=w.device, dtype=dtype)
+        b = torch.empty(self.out_features, rank, device=w.device, dtype=dtype)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r)'s own init, as in PEFT
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))  # nn.Linear(r, out)'s own init, as in PEFT
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # reset_lora_parameters: loralib's choice
+        elif init == "gaussian":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            nn.init.normal_(a, std=1 / rank)
+        else:
+            raise StudioError(f"unknown initialisation '{init}'; use kaiming or gaussian")
+        nn.init.zeros_(b)  # B = 0: the model at step 0 is exactly the base model (section 4.1)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.rank[name] = rank
+        self.alpha[name] = float(alpha)
+        self.scaling[name] = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout_p[name] = float(dropout)
+        if activate and name not in self.active:
+            self.active.append(name)
+
+    def set_adapter_weights(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy loaded tensors into adapter ``name`` (shapes must already have been checked)."""
+        was_merged = name in self.merged
+        if was_merged:
+            self.unmerge(name)
+        with torch.no_grad():
+            self.lora_A[name].copy_(a)
+            self.lora_B[name].copy_(b)
+        if was_merged:
+            self.merge(name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        for d in (self.lora_A, self.lora_B):
+            if name in d:
+                del d[name]
+        for d in (self.scaling, self.rank, self.alpha, self.dropout_p):
+            d.pop(name, None)
+        if name in self.active:
+            self.active.remove(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # -- ΔW, merge, unmerge ----------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = s·B·A in fp32, shaped like ``base_layer.weight`` (transposed for Conv1D)."""
+        a = self.lora_A[name].detach().float()
+        b = self.lora_B[name].detach().float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.t() if self.transposed else delta
+
+    def merge(self, name: str) -> None:
+        """W ← W + s·B·A, computed in fp32; refuses (and leaves W as it was) if a value is not finite."""
+        if name in self.merged:
+            return
+        w = self.base_layer.weight
+        merged = w.detach().float() + self.delta_weight(name).to(w.device)
+        if not torch.isfinite(merged).all():
+            raise StudioError(f"merging adapter '{name}' gives non-finite weights; the adapter is broken")
+        with torch.no_grad():
+            w.copy_(merged.to(w.dtype))
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """W ← W − s·B·A (the inverse of :meth:`merge`, in fp32)."""
+        if name not in self.merged:
+            return
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((w.detach().float() - self.delta_weight(name).to(w.device)).to(w.dtype))
+        self.merged.remove(name)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return self.base_layer(x)
+        w = self.base_layer.weight
+        if len(names) == 1:
+            n = names[0]
+            a, b = self.lora_A[n], self.lora_B[n]
+            p = self.dropout_p[n] if self.training else 0.0
+            bias = self.base_layer.bias
+            frozen = not w.requires_grad and (bias is None or not bias.requires_grad)
+            if (p == 0.0 and frozen and x.dtype == w.dtype == a.dtype
+                    and not torch.is_autocast_enabled(x.device.type)):
+                return _LoRAFunction.apply(x, w, self.base_layer.bias, a, b, self.scaling[n], self.transposed)
+        result = self.base_layer(x)
+        for n in names:
+            a, b = self.lora_A[n], self.lora_B[n]
+            p = self.dropout_p[n] if self.training else 0.0
+            xd = F.dropout(x, p=p, training=True) if p > 0 else x  # skip the op entirely at p = 0
+            xd = xd.to(a.dtype)
+            delta = F.linear(F.linear(xd, a), b) * self.scaling[n]
+            result = result + delta.to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        parts = [f"in={self.in_features}, out={self.out_features}"]
+        for n in self.adapters:
+            flag = "merged" if n in self.merged else ("active" if n in self.active else "inactive")
+            parts.append(f"{n}: r={self.rank[n]} s={self.scaling[n]:g} {flag}")
+        return ", ".join(parts)
+
+
+# -- model-level functions -------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every LoRALinear in ``model`` with its qualified name (the name of the wrapped module)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, layer in lora_layers(model):
+        for n in layer.adapters:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _get_parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child
+
+
+def inject_adapter(model: nn.Module, targets: Iterable[str], name: str = "default", *, rank: int = 8,
+                   alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
+                   init: str = "kaiming", dtype: torch.dtype | None = None,
+                   freeze_base: bool = True) -> list[str]:
+    """Add adapter ``name`` to each module named in ``targets`` (qualified names); return them.
+
+    Modules are visited in ``model.named_modules()`` order whatever the order of ``targets``, so the
+    random draws for A are the same as PEFT's for the same seed. With ``freeze_base`` every parameter
+    that is not a LoRA matrix is frozen.
+    """
+    wanted = set(targets)
+    if not wanted:
+        raise StudioError("no target modules selected")
+    modules = dict(model.named_modules())
+    missing = sorted(wanted - set(modules))
+    if missing:
+        raise StudioError(f"no module named '{missing[0]}' in this model")
+    done: list[str] = []
+    for qname in list(modules):
+        if qname not in wanted:
+            continue
+        module = modules[qname]
+        if not isinstance(module, LoRALinear):
+            if not is_adaptable(module):
+                raise StudioError(
+                    f"module '{qname}' is a {type(module).__name__}; LoRA here supports {SUPPORTED_TYPES}"
+                )
+            wrapper = LoRALinear(module)
+            parent, child = _get_parent(model, qname)
+            setattr(parent, child, wrapper)
+            module = wrapper
+        module.add_adapter(name, rank, alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+        done.append(qname)
+    if freeze_base:
+        mark_only_lora_trainable(model, [name])
+    return done
+
+
+def mark_only_lora_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """``requires_grad`` on the LoRA matrices of adapters ``names`` (all if None), off on all else."""
+    keep = set(lora_parameters(model, names).values())
+    for p in model.parameters():
+        p.requires_grad_(any(p is k for k in keep))
+
+
+def lora_parameters(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+    """The LoRA matrices of adapters ``names`` (all if None), keyed ``<module>.lora_A.<adapter>``."""
+    wanted = None if names is None else set(names)
+    out: dict[str, nn.Parameter] = {}
+    for qname, layer in lora_layers(model):
+        for n in layer.adapters:
+            if wanted is None or n in wanted:
+                out[f"{qname}.lora_A.{n}"] = layer.lora_A[n]
+                out[f"{qname}.lora_B.{n}"] = layer.lora_B[n]
+    return out
+
+
+def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (A, B)}`` for adapter ``name`` (detached, on their device)."""
+    return {q: (l.lora_A[name].detach(), l.lora_B[name].detach())
+            for q, l in lora_layers(model) if name in l.lora_A}
+
+
+def set_active_adapters(model: nn.Module, names: Iterable[str]) -> None:
+    """Make exactly ``names`` take part in the forward pass (merged ones stay merged)."""
+    names = list(names)
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            raise StudioError(f"no adapter named '{n}' on this model (it has: {', '.join(known) or 'none'})")
+    for _, layer in lora_layers(model):
+        layer.active = [n for n in names if n in layer.lora_A]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    out: list[str] = []
+    for _, layer in lora_layers(model):
+        for n in layer.active:
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def merge_adapter(model: nn.Module, name: str = "default") -> None:
+    """Fold adapter ``name`` into the base weights of every layer that has it.
+
+    All-or-nothing: if any layer would get a non-finite weight, layers merged so far are unmerged.
+    """
+    done: list[LoRALinear] = []
+    try:
+        for _, layer in lora_layers(model):
+            if name in layer.lora_A and name not in layer.merged:
+                layer.merge(name)
+                done.append(layer)
+    except Exception:
+        for layer in done:
+            layer.unmerge(name)
+        raise
+    if not done and name not in adapter_names(model):
+        raise StudioError(f"no adapter named '{name}' on this model")
+
+
+def unmerge_adapter(model: nn.Module, name: str = "default") -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge(name)
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    out: list[str] = []
+    for _, layer in lora_layers(model):
+        for n in layer.merged:
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def swap_adapter(model: nn.Module, out_name: str, in_name: str, *, merged: bool | None = None) -> None:
+    """The paper's task switch: take adapter ``out_name`` out and put ``in_name`` in, base untouched.
+
+    ``merged`` decides whether ``in_name`` is folded into the weights (zero inference overhead) or
+    applied unmerged; by default it follows how ``out_name`` was applied.
+    """
+    known = adapter_names(model)
+    if in_name not in known:
+        raise StudioError(f"no adapter named '{in_name}' on this model")
+    if merged is None:
+        merged = out_name in merged_adapters(model)
+    unmerge_adapter(model, out_name)
+    others = [n for n in active_adapters(model) if n != out_name and n != in_name]
+    set_active_adapters(model, others + [in_name])
+    if merged:
+        merge_adapter(model, in_name)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` everywhere (unmerging it first); unwrap layers left with none."""
+    for qname, layer in list(lora_layers(model)):
+        layer.delete_adapter(name)
+        if not layer.adapters:
+            parent, child = _get_parent(model, qname)
+            setattr(parent, child, layer.base_layer)
+
+
+def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Take every LoRALinear out, leaving the plain model (PEFT's ``unload`` / ``merge_and_unload``).
+
+    With ``merge`` the active adapters are folded in first; otherwise merged ones are taken out, so
+    the result is the base model.
+    """
+    for qname, layer in list(lora_layers(model)):
+        if merge:
+            for n in layer.active:
+                layer.merge(n)
+        else:
+            for n in list(layer.merged):
+                layer.unmerge(n)
+        parent, child = _get_parent(model, qname)
+        setattr(parent, child, layer.base_layer)
+    return model
