@@ -61,3 +61,67 @@ def studio_home(tmp_path, monkeypatch):
 def token_batch(vocab: int = 128, batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+          " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Translate to French: cheese, bread, wine. Answer: fromage, pain, vin.",
+    "name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate]",
+    "Write a haiku about autumn leaves falling on a quiet river at dusk.",
+    "0123456789 +-*/=()[]{}<>:;,.!?'\" abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+
+
+TOKENIZER_VOCAB = 320  # models that use tiny_tokenizer need at least this many embeddings
+
+
+def tiny_tokenizer(vocab_size: int = 300, chat_template: bool = True):
+    """A byte-level BPE tokenizer trained here on a few sentences (no network), with ChatML special
+    tokens like SmolLM2's: ``<|im_start|>`` (id 0), ``<|im_end|>`` (id 1: end of turn, also EOS) and
+    ``<pad>`` (id 2). The 256 byte symbols come first, so it has 259 + merges ids, all below
+    ``TOKENIZER_VOCAB``: build models that use it with ``vocab_size=TOKENIZER_VOCAB``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token=None)
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def tiny_checkpoint(folder, arch: str = "llama", seed: int = 0, chat_template: bool = True):
+    """Write a complete Hugging Face checkpoint folder (config, model.safetensors, tokenizer) of a
+    tiny model, as a user's own model folder would look. Returns the folder as a Path."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)(seed, vocab_size=TOKENIZER_VOCAB)
+    tok = tiny_tokenizer(chat_template=chat_template)
+    assert len(tok) <= TOKENIZER_VOCAB
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny Llama-style checkpoint folder with a ChatML tokenizer."""
+    return tiny_checkpoint(tmp_path / "tiny-llama")
