@@ -106,7 +106,8 @@ def tiny_checkpoint(folder, arch: str = "llama", seed: int = 0, chat_template: b
     from pathlib import Path
 
     folder = Path(folder)
-    model = (tiny_llama if arch == "llama" else tiny_gpt2)(seed, vocab_size=TOKENIZER_VOCAB)
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)(
+        seed, vocab_size=TOKENIZER_VOCAB, **({} if arch == "llama" else {"bos_token_id": 1, "eos_token_id": 1}))
     tok = tiny_tokenizer(chat_template=chat_template)
     assert len(tok) <= TOKENIZER_VOCAB
     model.config.eos_token_id = tok.eos_token_id
