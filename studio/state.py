@@ -1,0 +1,176 @@
+"""The studio's session: the RunConfig every page edits, what is known about the chosen model, the
+loaded model, and signals when any of it changes. Pages talk to each other only through this.
+
+No torch or transformers at import time: the window must show before they load. Facts that need
+them (the model summary, its meta-device skeleton and adaptable modules, its tokenizer) are
+computed in workers when the model changes and announced with :attr:`StudioState.model_info_changed`
+and :attr:`StudioState.tokenizer_changed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+
+from core.config import RunConfig
+from studio import workers
+
+
+@dataclass
+class ModelInfo:
+    """What the pages need to know about the chosen base model, without its weights."""
+
+    spec: str
+    summary: dict
+    """core.models.summary(spec)."""
+    config: Any
+    """transformers.PretrainedConfig (for the memory estimate)."""
+    meta: Any
+    """The model built on the meta device (core.models.meta_model): names and shapes only."""
+    targets: list = field(default_factory=list)
+    """core.targets.list_targets(meta)."""
+
+
+def _model_info(spec: str, trust_remote_code: bool, *, progress, cancelled) -> ModelInfo:
+    from core import models, targets
+
+    progress(("reading the model's configuration", 0.1))
+    summary = models.summary(spec, trust_remote_code=trust_remote_code)
+    if cancelled():
+        return None
+    config = models.load_config(spec, trust_remote_code=trust_remote_code)
+    progress(("listing the adaptable modules", 0.6))
+    meta = models.meta_model(spec, trust_remote_code=trust_remote_code)
+    return ModelInfo(spec=spec, summary=summary, config=config, meta=meta,
+                     targets=targets.list_targets(meta))
+
+
+def _tokenizer(spec: str, trust_remote_code: bool):
+    from core import models
+
+    return models.load_tokenizer(spec, trust_remote_code=trust_remote_code)
+
+
+class StudioState(QObject):
+    """The session shared by all pages.
+
+    Signals:
+      config_changed(str)       a part of ``config`` changed: "model", "lora", "data", "train", "all"
+      model_info_changed(obj)   ModelInfo for the chosen model, or None while it is being read
+      model_info_failed(str)    the chosen model cannot be read (one clear message)
+      tokenizer_changed(obj)    the chosen model's tokenizer, or None while it is being read
+      loaded_changed(obj)       core.models.LoadedModel, or None when unloaded
+      library_changed()         an adapter was added, removed or renamed
+      training_changed(bool)    a training run started (True) or ended (False)
+      message(str)              a short status line for the status bar
+      error(str)                one clear message shown in the window's message bar
+    """
+
+    config_changed = Signal(str)
+    model_info_changed = Signal(object)
+    model_info_failed = Signal(str)
+    tokenizer_changed = Signal(object)
+    loaded_changed = Signal(object)
+    library_changed = Signal()
+    training_changed = Signal(bool)
+    message = Signal(str)
+    error = Signal(str)
+
+    def __init__(self, config: RunConfig | None = None, parent: QObject | None = None):
+        super().__init__(parent)
+        self.config: RunConfig = config or RunConfig()
+        self.model_info: ModelInfo | None = None
+        self.model_error: str | None = None
+        self.tokenizer = None
+        self.loaded = None
+        self.training = False
+        self._info_worker: workers.Worker | None = None
+        self._tok_worker: workers.Worker | None = None
+
+    # -- the config ------------------------------------------------------------------------------
+    def changed(self, part: str) -> None:
+        """Call after editing ``self.config.<part>`` in place."""
+        self.config_changed.emit(part)
+
+    def set_model(self, spec: str, *, refresh: bool = False) -> None:
+        """Choose the base model; its facts are read in a worker (see model_info_changed)."""
+        if spec == self.config.model.source and not refresh and (self.model_info or self._info_worker):
+            return
+        self.config.model.source = spec
+        self.config_changed.emit("model")
+        if self.loaded is not None and getattr(self.loaded, "spec", None) != spec:
+            self.set_loaded(None)
+        self.refresh_model_info()
+
+    def refresh_model_info(self) -> None:
+        """Read the chosen model's summary, skeleton and tokenizer again, in workers."""
+        spec = self.config.model.source
+        trust = self.config.model.trust_remote_code
+        for w in (self._info_worker, self._tok_worker):
+            if w is not None:
+                w.cancel()
+        self.model_info = None
+        self.model_error = None
+        self.tokenizer = None
+        self.model_info_changed.emit(None)
+        self.tokenizer_changed.emit(None)
+
+        info = workers.FunctionWorker(_model_info, spec, trust)
+        self._info_worker = info
+
+        def on_info(result, w=info):
+            if w is self._info_worker and result is not None:
+                self._info_worker = None
+                self.model_info = result
+                self.model_info_changed.emit(result)
+                self._start_tokenizer(spec, trust)
+
+        def on_fail(msg, w=info):
+            if w is self._info_worker:
+                self._info_worker = None
+                self.model_error = msg
+                self.model_info_failed.emit(msg)
+                self.error.emit(msg)
+
+        info.finished.connect(on_info)
+        info.failed.connect(on_fail)
+        info.progress.connect(lambda p, w=info: w is self._info_worker and self.message.emit(p[0]))
+        workers.start(info)
+
+    def _start_tokenizer(self, spec: str, trust: bool) -> None:
+        tok = workers.FunctionWorker(_tokenizer, spec, trust)
+        self._tok_worker = tok
+
+        def on_tok(result, w=tok):
+            if w is self._tok_worker:
+                self._tok_worker = None
+                self.tokenizer = result
+                self.tokenizer_changed.emit(result)
+
+        def on_fail(msg, w=tok):
+            if w is self._tok_worker:
+                self._tok_worker = None
+                self.error.emit(msg)
+
+        tok.finished.connect(on_tok)
+        tok.failed.connect(on_fail)
+        workers.start(tok)
+
+    # -- the loaded model ------------------------------------------------------------------------
+    def set_loaded(self, loaded) -> None:
+        """Announce a model loaded by a page (or None after unloading)."""
+        self.loaded = loaded
+        self.loaded_changed.emit(loaded)
+
+    # -- messages --------------------------------------------------------------------------------
+    def show_error(self, text: str) -> None:
+        self.error.emit(text)
+
+    def say(self, text: str) -> None:
+        self.message.emit(text)
+
+    def set_training(self, on: bool) -> None:
+        self.training = on
+        self.training_changed.emit(on)

@@ -1,0 +1,303 @@
+"""Long jobs off the GUI thread: model loads, conversion, tokenising, training, merging, export.
+
+The worker API (for every page)
+-------------------------------
+A worker has superqt's shape (``superqt/utils/_qthreading.py``): a ``QObject`` carrying the signals
+
+    progress(object)   whatever the job reports (a (message, fraction) pair, a core event, ...)
+    finished(object)   the job's return value; never emitted after a cancel
+    failed(str)        one clear message: a StudioError's text, "Out of memory: ..." or
+                       "Unexpected error: ..." (the traceback goes to the log file, never to the user)
+    cancelled()        the job stopped because ``cancel()`` was called
+    done()             always last, whichever of the three above came before it
+
+and a ``QThread`` that runs the job. Exactly one of finished / failed / cancelled is emitted, then done.
+
+    from studio.workers import FunctionWorker, start
+
+    def load(spec, *, progress, cancelled):             # runs in the worker thread
+        from core import models                          # heavy imports belong here, not at the top
+        return models.load_model(spec, progress=lambda m, f: progress((m, f)))
+
+    w = FunctionWorker(load, "default")                  # progress=/cancelled= are passed in for you
+    w.progress.connect(lambda p: bar.setValue(int(100 * p[1])))
+    w.finished.connect(self._on_loaded)
+    w.failed.connect(self.state.show_error)
+    start(w)                                             # keeps a reference until done; returns w
+    ...
+    w.cancel()                                           # cooperative: the job polls cancelled()
+
+Why the signals object stays in the GUI thread and only the job runs in a ``QThread``: a signal
+emitted from the worker thread on an object that lives in the GUI thread is queued to the GUI thread
+for *every* slot, bound methods and lambdas alike. (With the QObject moved into the thread, as in
+Qt's own example, a bare lambda slot would run in the worker thread and touch widgets from there.)
+So connect anything you like; every slot runs in the GUI thread.
+
+``FunctionWorker(fn, *args, **kwargs)`` calls ``fn(*args, progress=..., cancelled=..., **kwargs)``
+when ``fn`` accepts those keywords (each one separately), else plain ``fn(*args, **kwargs)``.
+``progress(value)`` emits ``progress``; ``cancelled()`` returns True once ``cancel()`` was called.
+Raise ``core.errors.Cancelled`` (or just return after seeing ``cancelled()``) to end early; a
+result returned after a cancel is dropped and ``cancelled`` is emitted instead.
+
+``TrainWorker(cfg, resume=False)`` runs ``core.train.Trainer``: every trainer event (StepEvent,
+EvalEvent, StatusEvent) arrives through ``progress``; ``stop()`` and ``pause()`` / ``resume()``
+map to the trainer's thread-safe flags; a stopped run is *finished* (its adapter was saved), with
+the trainer's RunResult.
+
+``stop_all(timeout_ms)`` cancels every running worker and waits for their threads (the window's
+``closeEvent`` calls it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal
+
+log = logging.getLogger("studio")
+_log_configured = False
+
+
+def log_path():
+    """The file where unexpected errors are written with their traceback."""
+    from core.home import studio_home
+
+    d = studio_home() / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / "studio.log"
+
+
+def _configure_log() -> None:
+    global _log_configured
+    if _log_configured:
+        return
+    _log_configured = True
+    try:
+        handler = logging.FileHandler(log_path(), encoding="utf-8")
+    except OSError:  # a read-only home must not break the window; errors still reach the user
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line a person can act on, for any exception a job may raise.
+
+    A :class:`core.errors.StudioError` is already written for people: its text is shown as is.
+    Out-of-memory errors get what to change. Anything else is a bug: its traceback goes to the log
+    file, and the message says where.
+    """
+    from core.errors import StudioError
+
+    if isinstance(exc, StudioError):
+        return str(exc)
+    text = str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return ("Out of memory: lower the batch size or the maximum length, turn on gradient "
+                "checkpointing, or choose a smaller rank or fewer target modules")
+    _configure_log()
+    log.error("unexpected error in a worker:\n%s",
+              "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    where = ""
+    try:
+        where = f" (details in {log_path()})"
+    except OSError:
+        pass
+    return f"Unexpected error: {type(exc).__name__}{': ' + first if first else ''}{where}"
+
+
+class Worker(QObject):
+    """Base class: subclasses implement :meth:`work`; see the module docstring for the signals."""
+
+    progress = Signal(object)
+    finished = Signal(object)
+    failed = Signal(str)
+    cancelled = Signal()
+    done = Signal()
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._cancel = threading.Event()
+        self._thread: _Runner | None = None
+        self.running = False
+        self.started_at = 0.0
+
+    # -- called from the GUI thread ---------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the job to stop; it ends at its next check (cooperative)."""
+        self._cancel.set()
+
+    def is_cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def wait(self, timeout_ms: int = -1) -> bool:
+        """Block until the job's thread ended (True) or the timeout passed (False)."""
+        t = self._thread
+        if t is None:
+            return True
+        return t.wait(timeout_ms) if timeout_ms >= 0 else t.wait()
+
+    # -- runs in the worker thread ----------------------------------------------------------------
+    def work(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        from core.errors import Cancelled
+
+        self.started_at = time.monotonic()
+        try:
+            result = self.work()
+        except Cancelled:
+            self.cancelled.emit()
+        except BaseException as e:  # noqa: BLE001 - every failure becomes one message
+            if self._cancel.is_set() and not self._reports_after_cancel():
+                self.cancelled.emit()
+            else:
+                self.failed.emit(error_message(e))
+        else:
+            if self._cancel.is_set() and not self._reports_after_cancel():
+                self.cancelled.emit()  # no result after a cancel (superqt's rule)
+            else:
+                self.finished.emit(result)
+        finally:
+            self.running = False
+            self.done.emit()
+
+    def _reports_after_cancel(self) -> bool:
+        """Whether a result after cancel() still counts (a stopped training run does)."""
+        return False
+
+
+class _Runner(QThread):
+    """The thread of one worker: runs its job once."""
+
+    def __init__(self, worker: Worker):
+        super().__init__()
+        self.worker = worker
+
+    def run(self) -> None:  # worker thread
+        self.worker._run()
+
+
+_running: set[Worker] = set()
+
+
+def start(worker: Worker) -> Worker:
+    """Run ``worker`` in a new thread; keeps it alive until ``done``. Returns the worker."""
+    thread = _Runner(worker)
+    worker._thread = thread
+    worker.running = True
+    _running.add(worker)
+
+    def _finish() -> None:
+        _running.discard(worker)
+
+    worker.done.connect(_finish)
+    thread.finished.connect(thread.deleteLater)
+    thread.start()
+    return worker
+
+
+def running() -> list[Worker]:
+    """Workers that have not reported ``done`` yet."""
+    return [w for w in _running if w.running]
+
+
+def stop_all(timeout_ms: int = 10_000) -> bool:
+    """Cancel every running worker and wait for its thread; True when all ended in time."""
+    workers = list(_running)
+    for w in workers:
+        w.cancel()
+    deadline = time.monotonic() + timeout_ms / 1000
+    ok = True
+    for w in workers:
+        left = max(0, int(1000 * (deadline - time.monotonic())))
+        ok = w.wait(left) and ok
+    return ok
+
+
+class FunctionWorker(Worker):
+    """Run ``fn(*args, **kwargs)`` in a thread, passing ``progress=`` and ``cancelled=`` when it takes them."""
+
+    def __init__(self, fn: Callable, *args, **kwargs):
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._pass_progress = accepts_any or "progress" in params
+        self._pass_cancelled = accepts_any or "cancelled" in params
+
+    def work(self) -> Any:
+        kwargs = dict(self.kwargs)
+        if self._pass_progress:
+            kwargs.setdefault("progress", self.progress.emit)
+        if self._pass_cancelled:
+            kwargs.setdefault("cancelled", self.is_cancelled)
+        return self.fn(*self.args, **kwargs)
+
+
+class TrainWorker(Worker):
+    """One training run of ``core.train.Trainer`` over a copy of a RunConfig.
+
+    Every trainer event is emitted through ``progress`` as is. ``stop()`` (also ``cancel()``) asks
+    the trainer to save and stop at the end of the current step; the stopped run still ends with
+    ``finished(result)`` because its adapter and checkpoint were written.
+    """
+
+    def __init__(self, cfg, *, resume: bool = False, loaded=None):
+        super().__init__()
+        self.cfg = cfg.copy()
+        self.resume_run = resume
+        self.loaded = loaded
+        self.trainer = None
+        self.paused = False
+        self._early = threading.Event()  # stop asked before the trainer existed
+
+    def work(self) -> Any:
+        from core.train import Trainer
+
+        self.trainer = Trainer(self.cfg, callback=self.progress.emit, loaded=self.loaded)
+        if self._early.is_set():
+            self.trainer.request_stop()
+        return self.trainer.run(resume=self.resume_run)
+
+    def _reports_after_cancel(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self._early.set()
+        t = self.trainer
+        if t is not None:
+            t.request_stop()
+
+    def pause(self) -> None:
+        """Toggle-free pause: the trainer writes a checkpoint and waits until :meth:`resume`."""
+        t = self.trainer
+        if t is not None:
+            t.request_pause()
+            self.paused = True
+
+    def resume(self) -> None:
+        t = self.trainer
+        if t is None:
+            return
+        fn = getattr(t, "request_resume", None)
+        if callable(fn):
+            fn()
+        else:  # a trainer whose pause is a toggle
+            t.request_pause()
+        self.paused = False
