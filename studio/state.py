@@ -47,9 +47,12 @@ def _model_info(spec: str, trust_remote_code: bool, *, progress, cancelled) -> M
                      targets=targets.list_targets(meta))
 
 
-def _tokenizer(spec: str, trust_remote_code: bool):
+def _tokenizer(spec: str, trust_remote_code: bool, *, progress):
     from core import models
 
+    # A GGUF (the bundled default included) is converted to safetensors once, on first use (about
+    # 20 s for the default); doing it here, with progress, is what the first start shows.
+    models.checkpoint_folder(spec, progress=lambda m, f: progress((m, f)))
     return models.load_tokenizer(spec, trust_remote_code=trust_remote_code)
 
 
@@ -60,6 +63,8 @@ class StudioState(QObject):
       config_changed(str)       a part of ``config`` changed: "model", "lora", "data", "train", "all"
       model_info_changed(obj)   ModelInfo for the chosen model, or None while it is being read
       model_info_failed(str)    the chosen model cannot be read (one clear message)
+      model_progress(str, float) a model job's stage and fraction (first-use conversion); fraction
+                                1.0 when it is over
       tokenizer_changed(obj)    the chosen model's tokenizer, or None while it is being read
       loaded_changed(obj)       core.models.LoadedModel, or None when unloaded
       library_changed()         an adapter was added, removed or renamed
@@ -71,6 +76,7 @@ class StudioState(QObject):
     config_changed = Signal(str)
     model_info_changed = Signal(object)
     model_info_failed = Signal(str)
+    model_progress = Signal(str, float)
     tokenizer_changed = Signal(object)
     loaded_changed = Signal(object)
     library_changed = Signal()
@@ -125,6 +131,8 @@ class StudioState(QObject):
                 self._info_worker = None
                 self.model_info = result
                 self.model_info_changed.emit(result)
+                self.message.emit(f"{result.summary.get('name', spec)}: "
+                                  f"{len(result.targets)} adaptable modules")
                 self._start_tokenizer(spec, trust)
 
         def on_fail(msg, w=info):
@@ -154,8 +162,18 @@ class StudioState(QObject):
                 self._tok_worker = None
                 self.error.emit(msg)
 
+        def on_progress(p, w=tok):
+            if w is self._tok_worker:
+                self.model_progress.emit(str(p[0]), float(p[1]))
+                self.message.emit(f"{p[0]} ({100 * float(p[1]):.0f}%)")
+
+        def on_done(w=tok):
+            self.model_progress.emit("", 1.0)
+
         tok.finished.connect(on_tok)
         tok.failed.connect(on_fail)
+        tok.progress.connect(on_progress)
+        tok.done.connect(on_done)
         workers.start(tok)
 
     # -- the loaded model ------------------------------------------------------------------------
