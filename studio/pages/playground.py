@@ -1,0 +1,410 @@
+"""Playground: one prompt, two answers side by side (the base model and an adapter, or any two).
+
+The model is the one loaded in the session (``state.loaded``); each pane names what answers: "Base
+model" (no adapter active, through ``core.lora.set_active_adapters(model, [])``) or one of the
+adapters on the model (applied from the Library). Both answers are generated one after the other
+in one worker (they share the model, so they cannot run at once), streamed token by token by
+:mod:`core.generate`; Stop ends the current answer within one token. Generation never runs while
+the model trains: the Generate button is disabled with the reason, and a running generation is
+stopped when training starts.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QFontDatabase, QTextCursor
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox,
+                               QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
+                               QSpinBox, QSplitter, QVBoxLayout, QWidget)
+
+from studio import workers
+from studio.pages import Page, setting
+
+BASE = "Base model (no adapter)"
+STOP_REASONS = {"eos": "ended its turn", "length": "reached the token limit", "cancelled": "stopped"}
+DEFAULT_PROMPT = "Give me three tips for writing a clear commit message."
+
+
+def generate_answers(model, tokenizer, prompt: str, choices: list[str | None], settings: dict, *,
+                     progress, cancelled) -> list:
+    """Runs in the worker thread: answer ``prompt`` once per choice (None = base model, else an
+    adapter name), in order, restoring the model's active adapters afterwards.
+
+    Progress items: ``("start", i)``, ``("token", i, piece)``, ``("done", i, Generation)``.
+    """
+    from core import lora
+    from core.generate import generate_with_details
+
+    saved = lora.active_adapters(model)
+    results = []
+    try:
+        for i, choice in enumerate(choices):
+            if cancelled():
+                break
+            lora.set_active_adapters(model, [] if choice is None else [choice])
+            progress(("start", i))
+            g = generate_with_details(model, tokenizer, prompt, stop=cancelled,
+                                      on_token=lambda piece, i=i: progress(("token", i, piece)), **settings)
+            progress(("done", i, g))
+            results.append(g)
+    finally:
+        lora.set_active_adapters(model, saved)
+    return results
+
+
+def load_session_model(spec: str, device: str, precision: str, trust: bool, *, progress):
+    """Runs in the worker thread: the chosen base model, ready to generate."""
+    from core import models
+
+    return models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
+                             progress=lambda m, f: progress((m, f)))
+
+
+class AnswerPane(QFrame):
+    """One side: what answers (a combo), the streamed answer, and a line of statistics."""
+
+    def __init__(self, title: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.title = QLabel(f"<b>{title}</b>")
+        self.choice = QComboBox()
+        self.choice.setMinimumWidth(200)
+        self.choice.setToolTip("What answers: the base model alone, or the base model with one of its adapters")
+        self.text = QPlainTextEdit()
+        self.text.setReadOnly(True)
+        self.text.setPlaceholderText("The answer appears here as it is generated.")
+        font = QFontDatabase.systemFont(QFontDatabase.SystemFont.GeneralFont)
+        font.setPointSizeF(font.pointSizeF() + 1)
+        self.text.setFont(font)
+        self.stats = QLabel(" ")
+        self.stats.setStyleSheet("color: palette(placeholder-text);")
+        top = QHBoxLayout()
+        top.addWidget(self.title)
+        top.addStretch(1)
+        top.addWidget(self.choice)
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(self.text, 1)
+        lay.addWidget(self.stats)
+
+    def set_choices(self, adapters: list[str], preferred: str | None) -> None:
+        current = self.choice.currentData() if self.choice.count() else preferred
+        self.choice.blockSignals(True)
+        self.choice.clear()
+        self.choice.addItem(BASE, None)
+        for name in adapters:
+            self.choice.addItem(f"adapter: {name}", name)
+        want = current if current in adapters else (preferred if preferred in adapters else None)
+        self.choice.setCurrentIndex(max(0, self.choice.findData(want)) if want else 0)
+        self.choice.blockSignals(False)
+
+    def selected(self) -> str | None:
+        return self.choice.currentData()
+
+    def clear(self) -> None:
+        self.text.clear()
+        self.stats.setText("waiting…")
+
+    def append(self, piece: str) -> None:
+        cursor = self.text.textCursor()
+        cursor.movePosition(QTextCursor.MoveOperation.End)
+        cursor.insertText(piece)
+        self.text.setTextCursor(cursor)
+        self.text.ensureCursorVisible()
+
+    def answer(self) -> str:
+        return self.text.toPlainText()
+
+
+class PlaygroundPage(Page):
+    KEY = "playground"
+    TITLE = "Playground"
+    ICON = "SP_MediaPlay"
+
+    def __init__(self, state, parent: QWidget | None = None):
+        super().__init__(state, parent)
+        self.worker: workers.Worker | None = None
+        self.load_worker: workers.Worker | None = None
+        self.results: list = []
+
+        # -- the prompt ---------------------------------------------------------------------------
+        self.prompt = QPlainTextEdit()
+        self.prompt.setPlaceholderText("Type a prompt…")
+        self.prompt.setPlainText(DEFAULT_PROMPT)
+        self.prompt.setMaximumHeight(110)
+        self.system = QLineEdit()
+        self.system.setPlaceholderText("optional system message (chat models only)")
+        self.format_label = QLabel()
+        self.format_label.setWordWrap(True)
+
+        # -- settings -----------------------------------------------------------------------------
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(1, 4096)
+        self.max_tokens.setValue(128)
+        self.max_tokens.setToolTip("The most tokens each answer may have; it usually ends earlier, at its end-of-turn token")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0.0, 2.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setValue(0.7)
+        self.temperature.setToolTip("Higher is more varied; 0 is greedy")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setRange(0.05, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setValue(0.9)
+        self.top_p.setToolTip("Sample only from the most likely tokens whose probabilities add up to this")
+        self.greedy = QCheckBox("Greedy (deterministic)")
+        self.greedy.setToolTip("Always take the most likely token: the same prompt gives the same answer")
+        self.greedy.toggled.connect(self._greedy_toggled)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.seed.setToolTip("Both answers are sampled with this seed, so a difference comes from the adapter")
+
+        settings_box = QGroupBox("Generation")
+        form = QFormLayout(settings_box)
+        form.addRow("Max new tokens", self.max_tokens)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Top-p", self.top_p)
+        form.addRow("Seed", self.seed)
+        form.addRow("", self.greedy)
+
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setDefault(True)
+        self.generate_button.setToolTip("Generate both answers (Ctrl+G)")
+        self.generate_button.setShortcut("Ctrl+G")
+        self.generate_button.clicked.connect(self.generate)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stop)
+        self.load_button = QPushButton("Load model")
+        self.load_button.setToolTip("Load the model chosen on the Model page, to generate with it")
+        self.load_button.clicked.connect(self.load_model)
+        self.load_bar = QProgressBar()
+        self.load_bar.setRange(0, 100)
+        self.load_bar.setTextVisible(True)
+        self.load_bar.hide()
+        self.availability = QLabel()
+        self.availability.setWordWrap(True)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate_button)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.load_button)
+        buttons.addStretch(1)
+
+        prompt_col = QVBoxLayout()
+        prompt_col.addWidget(QLabel("<b>Prompt</b>"))
+        prompt_col.addWidget(self.prompt)
+        prompt_col.addWidget(self.system)
+        prompt_col.addWidget(self.format_label)
+        prompt_col.addLayout(buttons)
+        prompt_col.addWidget(self.load_bar)
+        prompt_col.addWidget(self.availability)
+        top = QHBoxLayout()
+        top.addLayout(prompt_col, 3)
+        top.addWidget(settings_box, 1)
+
+        # -- the two answers ----------------------------------------------------------------------
+        self.panes = [AnswerPane("A"), AnswerPane("B")]
+        split = QSplitter(Qt.Orientation.Horizontal)
+        for p in self.panes:
+            split.addWidget(p)
+        split.setChildrenCollapsible(False)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(split, 1)
+
+        state.loaded_changed.connect(self.refresh)
+        state.training_changed.connect(self._training_changed)
+        state.library_changed.connect(self.refresh)
+        state.config_changed.connect(lambda part: part in ("model", "all") and self.refresh())
+        self.refresh()
+
+    # -- what can be done now ---------------------------------------------------------------------
+    def refresh(self, *_) -> None:
+        """Update the choices (the adapters now on the model) and what is enabled, with the reason."""
+        loaded = self.state.loaded
+        adapters: list[str] = []
+        merged: list[str] = []
+        if loaded is not None:
+            from core import lora
+
+            adapters = lora.adapter_names(loaded.model)
+            merged = lora.merged_adapters(loaded.model)
+            active = lora.active_adapters(loaded.model)
+            self.panes[0].set_choices(adapters, None)
+            self.panes[1].set_choices(adapters, (active or adapters or [None])[0])
+        else:
+            for p in self.panes:
+                p.set_choices([], None)
+        busy = self.worker is not None
+        reason = ""
+        if loaded is None:
+            reason = "No model is loaded: load the model chosen on the Model page to generate."
+        elif self.state.training:
+            reason = "The model is training; generation is available again when the run ends."
+        elif not adapters:
+            reason = ("The model has no adapter yet: both answers come from the base model. Apply an "
+                      "adapter in the Library (or train one) to compare.")
+        if merged:
+            reason += (" " if reason else "") + (f"Merged into the weights: {', '.join(merged)}; "
+                                                 "“Base model” includes it until you unmerge it in the Library.")
+        self.availability.setText(reason)
+        loading = self.load_worker is not None
+        self.load_button.setVisible(loaded is None)
+        self.load_button.setEnabled(not loading and not self.state.training)
+        self.generate_button.setEnabled(loaded is not None and not self.state.training and not busy and not loading)
+        self.stop_button.setEnabled(busy)
+        for p in self.panes:
+            p.choice.setEnabled(not busy)
+        tok = loaded.tokenizer if loaded is not None else self.state.tokenizer
+        if tok is not None and getattr(tok, "chat_template", None):
+            self.format_label.setText("The prompt is sent as a user turn in the model's chat template.")
+            self.system.setEnabled(True)
+        elif tok is not None:
+            self.format_label.setText("This model has no chat template: the prompt is continued as plain text.")
+            self.system.setEnabled(False)
+        else:
+            self.format_label.setText("")
+
+    def _greedy_toggled(self, on: bool) -> None:
+        self.temperature.setEnabled(not on)
+        self.top_p.setEnabled(not on)
+        self.seed.setEnabled(not on)
+
+    def _training_changed(self, on: bool) -> None:
+        if on and self.worker is not None:
+            self.stop()  # the trainer needs the model; the current answer ends within one token
+        self.refresh()
+
+    # -- loading the model ------------------------------------------------------------------------
+    def load_model(self) -> None:
+        if self.load_worker is not None or self.state.loaded is not None:
+            return
+        m = self.state.config.model
+        w = workers.FunctionWorker(load_session_model, m.source, m.device, m.precision, m.trust_remote_code)
+        self.load_worker = w
+        self.load_bar.setValue(0)
+        self.load_bar.setFormat("loading the model…")
+        self.load_bar.show()
+        w.progress.connect(self._load_progress)
+        w.finished.connect(self._loaded)
+        w.failed.connect(self.state.show_error)
+        w.done.connect(self._load_done)
+        workers.start(w)
+        self.refresh()
+
+    def _load_progress(self, p) -> None:
+        message, fraction = p
+        self.load_bar.setValue(int(100 * fraction))
+        self.load_bar.setFormat(f"{message} (%p%)")
+
+    def _loaded(self, loaded) -> None:
+        if self.state.loaded is None:
+            self.state.set_loaded(loaded)
+
+    def _load_done(self) -> None:
+        self.load_worker = None
+        self.load_bar.hide()
+        self.refresh()
+
+    # -- generating -------------------------------------------------------------------------------
+    def generation_settings(self) -> dict:
+        greedy = self.greedy.isChecked() or self.temperature.value() == 0
+        s = {"max_new_tokens": self.max_tokens.value(), "temperature": self.temperature.value(),
+             "top_p": self.top_p.value(), "greedy": greedy, "seed": self.seed.value()}
+        system = self.system.text().strip()
+        if system and self.system.isEnabled():
+            s["system"] = system
+        return s
+
+    def generate(self) -> None:
+        loaded = self.state.loaded
+        if self.worker is not None or loaded is None or self.state.training:
+            return
+        prompt = self.prompt.toPlainText().strip()
+        if not prompt:
+            self.state.show_error("The prompt is empty: type something for the model to answer.")
+            return
+        choices = [p.selected() for p in self.panes]
+        for p in self.panes:
+            p.clear()
+        self.results = []
+        w = workers.FunctionWorker(generate_answers, loaded.model, loaded.tokenizer, prompt, choices,
+                                   self.generation_settings())
+        self.worker = w
+        w.progress.connect(self._on_progress)
+        w.finished.connect(self._on_finished)
+        w.failed.connect(self._on_failed)
+        w.cancelled.connect(self._on_cancelled)
+        w.done.connect(self._on_done)
+        workers.start(w)
+        self.state.say("generating…")
+        self.refresh()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def _on_progress(self, item) -> None:
+        kind, i = item[0], item[1]
+        pane = self.panes[i]
+        if kind == "start":
+            pane.stats.setText("generating…")
+        elif kind == "token":
+            pane.append(item[2])
+        elif kind == "done":
+            g = item[2]
+            self.results.append(g)
+            n = len(g.token_ids)
+            pane.stats.setText(f"{n} token{'s' if n != 1 else ''} · {g.tokens_per_second:.1f} tokens/s · "
+                               f"{STOP_REASONS.get(g.stop_reason, g.stop_reason)}")
+
+    def _on_finished(self, results) -> None:
+        self.state.say("answers generated")
+
+    def _on_failed(self, message: str) -> None:
+        for p in self.panes:
+            if p.stats.text() in ("waiting…", "generating…"):
+                p.stats.setText("failed")
+        self.state.show_error(message)
+
+    def _on_cancelled(self) -> None:
+        for p in self.panes:
+            if p.stats.text() in ("waiting…", "generating…"):
+                p.stats.setText("stopped" if p.stats.text() == "generating…" else "not generated")
+        self.state.say("generation stopped")
+
+    def _on_done(self) -> None:
+        self.worker = None
+        self.refresh()
+
+    # -- window hooks -----------------------------------------------------------------------------
+    def page_shown(self) -> None:
+        self.refresh()
+
+    def shutdown(self) -> None:
+        for w in (self.worker, self.load_worker):
+            if w is not None:
+                w.cancel()
+
+    def save_settings(self, settings) -> None:
+        settings.setValue("prompt", self.prompt.toPlainText())
+        settings.setValue("system", self.system.text())
+        settings.setValue("max_new_tokens", self.max_tokens.value())
+        settings.setValue("temperature", self.temperature.value())
+        settings.setValue("top_p", self.top_p.value())
+        settings.setValue("seed", self.seed.value())
+        settings.setValue("greedy", self.greedy.isChecked())
+
+    def restore_settings(self, settings) -> None:
+        self.prompt.setPlainText(setting(settings, "prompt", DEFAULT_PROMPT, str) or DEFAULT_PROMPT)
+        self.system.setText(setting(settings, "system", "", str))
+        self.max_tokens.setValue(setting(settings, "max_new_tokens", 128, int))
+        self.temperature.setValue(setting(settings, "temperature", 0.7, float))
+        self.top_p.setValue(setting(settings, "top_p", 0.9, float))
+        self.seed.setValue(setting(settings, "seed", 0, int))
+        self.greedy.setChecked(setting(settings, "greedy", False, bool))
+
+
+PAGE = PlaygroundPage
