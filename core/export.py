@@ -1,0 +1,399 @@
+"""Merged export: a plain Hugging Face model folder with one or more adapters folded in, checked by
+its logits before it is moved into place.
+
+Why the check: tools that merge adapters have shipped exports that load and run but compute garbage
+(a transposed ΔW, a scaling applied twice, a tied embedding overwritten, a shard cut short). Here the
+written folder is loaded back with ``transformers`` alone and its logits on a few fixed prompts are
+compared with the base model running the adapter(s) *unmerged*, which is the definition of what the
+export must compute; beyond tolerance the export is aborted with the figures and nothing is left at
+the destination.
+
+The steps, all on a fresh fp32 copy of the base (a model loaded in bf16/fp16 for training is never
+merged into: its checkpoint is read again at full precision):
+
+1. inject each adapter with its weight folded into its scaling (ΔW_i · w_i); compute the reference
+   logits with the adapters active and unmerged, and the base logits with none active;
+2. ``exact``: fold every adapter in, one after the other: W ← W + Σ w_i s_i B_i A_i, which is what
+   concatenating them would give, without building the rank-Σr matrices. Other modes (``svd``, and
+   ``ties``/``dare`` where core.combine has them) build one adapter with core.combine; the reference
+   is then that adapter unmerged, and the gap to the exact sum is reported beside it;
+3. ``core.lora.unload(merge=True)``: a plain transformers model; its fp32 logits are compared with the
+   reference (the merge itself);
+4. cast to the output dtype (the checkpoint's own unless asked), ``save_pretrained`` (safetensors
+   shards, config, generation config) and the tokenizer with its chat template, into a staged folder;
+5. load the staged folder with ``AutoModelForCausalLM`` in fp32 and compare its logits with the
+   merged model's weights rounded to the output dtype in memory (the file must hold exactly those)
+   and with the reference (the whole export); then rename it into place.
+
+Tolerances, relative to the largest reference logit (``max|Δlogit| / max|logit|``):
+  * the merge (step 3) and an fp32 export: 1e-4. Merging only reorders fp32 sums; the measured
+    gap is ~1e-6, while a wrong ΔW moves logits by the adapter's own effect (1e-2 and up);
+  * the file against the rounded in-memory weights (step 5, bf16/fp16): 1e-5: the same numbers;
+  * a bf16 export against the fp32 reference: 5e-2, fp16: 1e-2: rounding every weight to 8 (bf16) or
+    11 (fp16) significant bits moves logits by about that much, which is the price of the dtype, not
+    an error; the two tight checks above are what catch a broken export in these dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from core import atomic
+from core import lora
+from core.errors import StudioError
+
+Progress = Callable[[str, float], None]
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Question: What is 17 + 25?\nAnswer:",
+    "Once upon a time, in a small village by the sea, there lived",
+)
+"""Fixed prompts for the logits check: prose, code, arithmetic, a story (each under ~40 tokens)."""
+
+TOLERANCE = {"merge": 1e-4, torch.float32: 1e-4, "file": 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+"""Relative logit tolerances; see the module docstring for why each is what it is."""
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+_HEADER_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float32}
+MODES = ("exact", "svd")
+
+
+def modes() -> tuple[str, ...]:
+    """The combination modes on offer: ``exact`` and ``svd``, plus what core.combine adds (TIES, DARE)."""
+    try:
+        from core import combine as _combine
+    except ImportError:
+        return MODES
+    extra = tuple(m for m in getattr(_combine, "MODES", ()) if m not in MODES)
+    return MODES + extra
+
+
+def _say(progress: Progress | None, message: str, fraction: float) -> None:
+    if progress is not None:
+        progress(message, min(1.0, max(0.0, fraction)))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``fp32``/``bf16``/``fp16`` (or a torch dtype, or None/"auto" for the checkpoint's own)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise StudioError(f"--dtype: {dtype} is not one of fp32, bf16, fp16")
+        return dtype
+    key = str(dtype).strip().lower()
+    if key in ("", "auto"):
+        return None
+    if key not in _DTYPES:
+        raise StudioError(f"--dtype: '{dtype}' is not one of auto, fp32, bf16, fp16")
+    return _DTYPES[key]
+
+
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point tensors are stored in (safetensors headers only);
+    fp32 when it cannot tell."""
+    from core.library import safetensors_header
+
+    counts: dict[torch.dtype, int] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            header = safetensors_header(f)
+        except StudioError:
+            continue
+        for info in header.values():
+            if isinstance(info, dict) and info.get("dtype") in _HEADER_DTYPES:
+                n = math.prod(info.get("shape") or [1])
+                d = _HEADER_DTYPES[info["dtype"]]
+                counts[d] = counts.get(d, 0) + n
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+# -- adapters into the model -------------------------------------------------------------------------
+
+@dataclass
+class _Part:
+    """One adapter to merge: its files, its weight, and the name it gets in the model."""
+
+    adapter: Any  # core.adapter.AdapterFiles or core.combine's result
+    weight: float
+    name: str
+
+
+def _inject(model, part: _Part) -> None:
+    """Put ``part`` into ``model`` as adapter ``part.name`` with each module's scaling times the
+    part's weight, so that running it unmerged computes W0·x + w·s·B·A·x. Each module is injected
+    with its own rank and scaling (PEFT's rank_pattern, or a combined adapter whose modules kept
+    different ranks). The global random state is left as it was (injection draws an A that the
+    adapter's own then replaces)."""
+    adapter = part.adapter
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for module_name, (a, b) in adapter.tensors.items():
+            r = int(a.shape[0])
+            scale = adapter.scaling(module_name) * part.weight
+            lora.inject_adapter(model, [module_name], part.name, rank=r, alpha=scale * r, freeze_base=False)
+            layer = model.get_submodule(module_name)
+            layer.set_adapter_weights(part.name, a.float(), b.float())
+    model.requires_grad_(False)  # nothing trains here: no autograd graph in the forward passes
+
+
+def _tied_targets(model, modules: Sequence[str]) -> list[str]:
+    """Adapted modules whose weight tensor is shared with another module (a tied lm_head): merging
+    into one would silently change the other, which the unmerged adapter does not do."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and not isinstance(mod, lora.LoRALinear):
+            owners.setdefault(id(w), []).append(name.replace(".base_layer", ""))
+    out = []
+    for m in modules:
+        try:
+            w = model.get_submodule(m).weight
+        except AttributeError:
+            continue
+        if len(set(owners.get(id(w), []))) > 1:
+            out.append(m)
+    return out
+
+
+@torch.no_grad()
+def _logits(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 logits on the CPU for each prompt (run one at a time: no padding to get wrong)."""
+    device = next(model.parameters()).device
+    out = []
+    for ids in inputs:
+        y = model(input_ids=ids.to(device)).logits
+        out.append(y.float().cpu())
+    return out
+
+
+def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict:
+    """max |got − want|, the largest |want|, and their ratio, over every prompt and position; plus how
+    often the top token agrees."""
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
+    scale = max(float(w.abs().max()) for w in want)
+    same = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
+    total = sum(int(w.shape[0] * w.shape[1]) for w in want)
+    finite = all(bool(torch.isfinite(g).all()) for g in got)
+    rel = diff / max(scale, 1e-12) if finite else math.inf
+    return {"max_abs_diff": diff if finite else math.inf, "max_abs_logit": scale, "relative": rel,
+            "top1_agreement": same / max(total, 1)}
+
+
+def _save_model(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
+    """Write the merged model (safetensors shards, config, generation config) and its tokenizer (with
+    the chat template) into ``folder``. A module-level function so tests can corrupt what it writes."""
+    model.to(dtype)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _load_plain(folder: Path):
+    """The exported folder as anybody would load it: transformers alone, fp32, CPU, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                    trust_remote_code=False).eval()
+    except Exception as e:  # any failure to load is a failed export, reported as such
+        raise StudioError(f"export verification failed: transformers cannot load the exported folder "
+                          f"({type(e).__name__}: {e}); nothing was written") from None
+
+
+def _fail(what: str, c: dict, tol: float, out: Path) -> StudioError:
+    return StudioError(
+        f"export verification failed ({what}): max |Δlogit| {c['max_abs_diff']:.3g} against logits up to "
+        f"{c['max_abs_logit']:.3g} (relative {c['relative']:.3g}, tolerance {tol:g}; top-1 agreement "
+        f"{100 * c['top1_agreement']:.1f}%); nothing was written to {out}")
+
+
+def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
+                  *, combine: str = "exact", rank: int | None = None, out: str | os.PathLike,
+                  dtype: str | torch.dtype | None = None, progress: Progress | None = None, verify: bool = True,
+                  device: str = "cpu") -> dict:
+    """Merge ``adapters`` (folders) at ``weights`` into the base model and write it to ``out``.
+
+    Args:
+        spec_or_loaded: a model spec (``default``, a folder, a .gguf, a cached repo id) or a
+            core.models.LoadedModel (only its spec is used: the merge works on a fresh fp32 copy, so a
+            model in use by the window is never modified).
+        adapters: adapter folders (ours or PEFT's); ``weights`` one float each (default 1.0).
+        combine: ``exact`` (the weighted sum of every ΔW) or ``svd`` (one adapter of rank ``rank``, as
+            core.combine makes it), or another mode core.combine offers.
+        out: the folder to write; it must not exist. Written only if verification passes.
+        dtype: ``fp32``, ``bf16``, ``fp16``; by default the checkpoint's own.
+        progress: ``progress(message, fraction)``.
+        verify: compare the written model's logits with base + adapters unmerged (see module doc).
+        device: where the merge and the reference forward passes run (``cpu`` by default: fp32 copies
+            of large models fit in RAM more often than in GPU memory).
+
+    Returns a report: out, files (name → bytes), size_bytes, dtype, adapters, weights, combine, rank,
+    warnings, verify (figures of each comparison and tolerances), seconds (per stage and total).
+    """
+    from core import adapter as adapter_io
+    from core import models
+    from core.library import check_adapter
+
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    out = Path(out).expanduser()
+    if out.exists():
+        raise StudioError(f"--out {out}: already exists; choose a new folder")
+    folders = [Path(a).expanduser() for a in adapters]
+    if not folders:
+        raise StudioError("--adapter: give at least one adapter to merge")
+    if weights is None or len(weights) == 0:
+        weights = [1.0] * len(folders)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(folders):
+        raise StudioError(f"--weights: {len(weights)} weight(s) for {len(folders)} adapter(s); give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise StudioError("--weights: every weight must be a finite number")
+    mode = (combine or "exact").lower()
+    if mode not in modes():
+        raise StudioError(f"--combine: '{combine}' is not one of {', '.join(modes())}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise StudioError(f"--rank: must be a whole number of at least 1 (got {rank!r})")
+    out_dtype = parse_dtype(dtype)
+
+    _say(progress, "reading the adapters", 0.0)
+    files = []
+    for f in folders:
+        if not f.is_dir():
+            raise StudioError(f"--adapter {f}: no such folder")
+        files.append(adapter_io.read_adapter(f))
+
+    spec = getattr(spec_or_loaded, "spec", None) or str(spec_or_loaded)
+    _say(progress, "loading the base model in fp32", 0.05)
+    t = time.perf_counter()
+    loaded = models.load_model(spec, device=device, precision="fp32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if out_dtype is None:
+        out_dtype = checkpoint_dtype(loaded.path)
+    times["load"] = time.perf_counter() - t
+
+    warnings: list[str] = []
+    for f in folders:
+        problems, warns = check_adapter(f, model)
+        if problems:
+            raise StudioError(f"--adapter {f}: does not fit {spec}: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        warnings += warns
+    tied = _tied_targets(model, sorted({m for a in files for m in a.tensors}))
+    if tied:
+        raise StudioError(f"--adapter: the adapter changes '{tied[0]}', whose weight this model shares with "
+                          "another layer (tied embeddings); a merged model cannot hold that change",
+                          hint="use the adapter unmerged")
+
+    _say(progress, "computing reference logits", 0.2)
+    t = time.perf_counter()
+    inputs = [torch.tensor([tokenizer(p, add_special_tokens=True)["input_ids"]], dtype=torch.long)
+              for p in PROMPTS]
+    inputs = [ids[:, : min(ids.shape[1], 64)] for ids in inputs if ids.shape[1] > 0]
+    base_logits = _logits(model, inputs) if verify else None
+    parts = [_Part(a, w, f"export{i}") for i, (a, w) in enumerate(zip(files, weights)) if w != 0.0]
+    if not parts:
+        raise StudioError("--weights: every weight is 0; the export would be the base model")
+    for p in parts:
+        _inject(model, p)
+    combine_report: dict | None = None
+    if mode == "exact":
+        merge_names = [p.name for p in parts]
+        lora.set_active_adapters(model, merge_names)
+        ref = _logits(model, inputs) if verify else None
+        exact_ref = ref
+    else:
+        from core import combine as combine_mod
+
+        exact_ref = None
+        if verify:
+            lora.set_active_adapters(model, [p.name for p in parts])
+            exact_ref = _logits(model, inputs)
+        combined, combine_report = combine_mod.combine(files, weights, mode=mode, rank=rank)
+        warnings += combine_report.get("warnings", [])
+        for p in parts:
+            lora.remove_adapter(model, p.name)
+        _inject(model, _Part(combined, 1.0, "combined"))
+        merge_names = ["combined"]
+        lora.set_active_adapters(model, merge_names)
+        ref = _logits(model, inputs) if verify else None
+    times["reference"] = time.perf_counter() - t
+
+    _say(progress, "merging", 0.4)
+    t = time.perf_counter()
+    for n in merge_names:
+        lora.merge_adapter(model, n)
+    model = lora.unload(model, merge=True)
+    times["merge"] = time.perf_counter() - t
+
+    report: dict[str, Any] = {"out": str(out), "model": spec, "adapters": [str(f) for f in folders],
+                              "weights": weights, "combine": mode, "rank": rank,
+                              "dtype": models.precision_name(out_dtype), "warnings": warnings}
+    if combine_report is not None:
+        report["combine_report"] = combine_report
+    checks: dict[str, Any] = {}
+    if verify:
+        _say(progress, "checking the merged weights", 0.5)
+        merged = _logits(model, inputs)
+        checks["merge"] = _compare(merged, ref)
+        checks["merge"]["tolerance"] = TOLERANCE["merge"]
+        checks["adapter_effect"] = _compare(ref, base_logits)["relative"]
+        if exact_ref is not None and exact_ref is not ref:
+            checks["combination_gap"] = _compare(ref, exact_ref)["relative"]
+        if checks["merge"]["relative"] > TOLERANCE["merge"]:
+            raise _fail("the merged weights against base + adapter unmerged", checks["merge"], TOLERANCE["merge"], out)
+        if checks["adapter_effect"] < TOLERANCE.get(out_dtype, 1e-4):
+            warnings.append(f"the adapter changes the logits by only {checks['adapter_effect']:.2g} (relative), "
+                            f"below what a {models.precision_name(out_dtype)} export can resolve")
+
+    _say(progress, "writing the merged model", 0.6)
+    # Buffers that are not saved (RoPE's inv_freq) are rebuilt in fp32 by whoever loads the export;
+    # keep them to put back after the cast, so the in-memory model below computes what a loader does.
+    saved_keys = set(model.state_dict())
+    transient = {n: b.detach().clone() for n, b in model.named_buffers() if n not in saved_keys}
+    with atomic.staged_folder(out, replace=False) as tmp:
+        t = time.perf_counter()
+        _save_model(model, tokenizer, tmp, out_dtype)
+        times["save"] = time.perf_counter() - t
+        if verify:
+            _say(progress, "loading the export back to check it", 0.8)
+            t = time.perf_counter()
+            expected = merged
+            if out_dtype != torch.float32:
+                model.to(torch.float32)  # the rounded weights, exactly representable in fp32
+                with torch.no_grad():
+                    for n, b in model.named_buffers():
+                        if n in transient:
+                            b.copy_(transient[n])
+                expected = _logits(model, inputs)
+            del model
+            plain = _load_plain(tmp)
+            got = _logits(plain, inputs)
+            del plain
+            checks["file"] = _compare(got, expected)
+            checks["file"]["tolerance"] = TOLERANCE["file"] if out_dtype != torch.float32 else TOLERANCE[torch.float32]
+            checks["export"] = _compare(got, ref)
+            checks["export"]["tolerance"] = TOLERANCE[out_dtype]
+            times["verify"] = time.perf_counter() - t
+            if checks["file"]["relative"] > checks["file"]["tolerance"]:
+                raise _fail("the written files against the merged weights", checks["file"],
+                            checks["file"]["tolerance"], out)
+            if checks["export"]["relative"] > TOLERANCE[out_dtype]:
+                raise _fail("the exported model against base + adapter unmerged", checks["export"],
+                            TOLERANCE[out_dtype], out)
+        files_written = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    report["files"] = files_written
+    report["size_bytes"] = sum(files_written.values())
+    report["verify"] = checks if verify else None
+    times["total"] = time.perf_counter() - t0
+    report["seconds"] = {k: round(v, 3) for k, v in times.items()}
+    _say(progress, "done", 1.0)
+    return report
