@@ -246,18 +246,22 @@ def peft_config(adapter: AdapterFiles, *, base_model: str | None, target_modules
     }
 
 
-def write_adapter(adapter: AdapterFiles, folder: str | Path, *, base_model: str | None,
+def write_adapter(adapter: AdapterFiles, folder: str | Path, *, base_model: str | None = None,
                   studio: dict | None = None, model: nn.Module | None = None) -> Path:
     """Write ``adapter`` as a PEFT adapter folder plus studio.json, all or nothing.
 
-    ``model`` (the base model, with or without LoRA layers) lets ``target_modules`` be written as
-    short names and GPT-2's ``fan_in_fan_out`` be set; without it full names are written.
+    ``base_model`` defaults to the one the adapter names. ``model`` (the base model, with or without
+    LoRA layers) lets ``target_modules`` be written as short names, GPT-2's ``fan_in_fan_out`` be set
+    and the fingerprint be computed; without it full names are written. studio.json is built from
+    the computed facts, then what ``adapter.studio`` already held, then ``studio`` (which wins).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    fan_in_fan_out = False
+    base_model = base_model if base_model is not None else adapter.base_model
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
     if model is not None:
+        fan_in_fan_out = False
         modules = dict(model.named_modules())
         for q in adapter.targets:
             m = modules.get(q)
@@ -282,16 +286,27 @@ def write_adapter(adapter: AdapterFiles, folder: str | Path, *, base_model: str 
         "targets": len(adapter.targets),
         "trainable_parameters": adapter.trainable_parameters,
     }
-    if model is not None:
+    computed = set(info) - {"created", "base_model"}
+
+    def add(facts: dict, keep: set[str] = frozenset()) -> None:
+        for k, v in facts.items():
+            if k in keep:
+                continue
+            if k == "base_model" and isinstance(v, dict):
+                info["base_model"].update(v)
+            else:
+                info[k] = v
+
+    # what the adapter already knew (read from disk, or a combination's sources) ...
+    add(adapter.studio, keep=computed)
+    if base_model is not None:
+        info["base_model"]["spec"] = base_model
+    if model is not None:  # ... then the model at hand, which is the truth about the base ...
         cfg = getattr(model, "config", None)
         archs = getattr(cfg, "architectures", None) or [type(model).__name__]
         info["base_model"]["architecture"] = archs[0]
         info["fingerprint"] = _model_fingerprint(model)
-    for k, v in (studio or {}).items():  # the caller's facts (dataset, training, loss curve, ...) win
-        if k == "base_model" and isinstance(v, dict):
-            info["base_model"].update(v)
-        else:
-            info[k] = v
+    add(studio or {})  # ... then the caller's facts (dataset, training, loss curve, ...), which win
     with atomic.staged_folder(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

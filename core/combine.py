@@ -155,7 +155,9 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
         studio["fingerprint"] = first.studio["fingerprint"]
     if first.base_model:
         studio["base_model"] = {"spec": first.base_model}
-    result = AdapterFiles(folder=None, config={}, rank=out_rank, alpha=alpha, rslora=False,
+    # GPT-2's Conv1D layers: PEFT wants fan_in_fan_out=true there (it corrects a wrong flag with a warning)
+    config = {"fan_in_fan_out": any(bool(ad.config.get("fan_in_fan_out")) for ad in adapters)}
+    result = AdapterFiles(folder=None, config=config, rank=out_rank, alpha=alpha, rslora=False,
                           dropout=first.dropout, targets=modules, tensors=tensors, studio=studio, ranks=ranks)
     errors = [v["rel_error"] for v in report_modules.values()]
     report = {

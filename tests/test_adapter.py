@@ -290,3 +290,16 @@ def test_fingerprint_is_saved_and_a_different_base_warns(tmp_path):
     warning = adapter.fingerprint_warning(files, tiny_llama(seed=1))
     assert warning and "different weights" in warning
     assert adapter.check_compatible(files, tiny_llama(seed=1)) == []
+
+
+def test_rewriting_a_read_adapter_keeps_its_facts(llama, tmp_path):
+    adapter.save_adapter(_ours(llama, "attention-qv"), tmp_path / "one", base_model="default",
+                         studio={"dataset": {"path": "d.jsonl"}, "training": {"steps": 3}})
+    files = adapter.read_adapter(tmp_path / "one")
+    adapter.write_adapter(files, tmp_path / "two", studio={"name": "copy"})
+    again = adapter.read_adapter(tmp_path / "two")
+    assert again.studio["dataset"] == {"path": "d.jsonl"} and again.studio["training"] == {"steps": 3}
+    assert again.studio["name"] == "copy" and again.studio["created"] == files.studio["created"]
+    assert again.base_model == "default" and again.config["target_modules"] == sorted(files.targets)
+    for m in files.targets:
+        assert all(torch.equal(x, y) for x, y in zip(files.tensors[m], again.tensors[m]))
