@@ -1,0 +1,342 @@
+"""The Library page over a real core.library with adapters made by core.lora + core.adapter on a tiny
+checkpoint: listing, search, sort, notes, rename, delete and undo, apply/swap/merge/unmerge (checked
+on the model's logits), an incompatible adapter greyed and refused, combine, export, import, and the
+ΔW analysis. Offscreen; dialogs are answered through the page's ask_* hooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import Qt  # noqa: E402
+
+from conftest import TOKENIZER_VOCAB, tiny_llama, token_batch  # noqa: E402
+from core import adapter as adapter_io  # noqa: E402
+from core import lora, models  # noqa: E402
+from core.library import Library  # noqa: E402
+from studio.pages.library import COLUMN, LibraryPage  # noqa: E402
+from studio.state import StudioState  # noqa: E402
+
+ATTN_QV = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+           "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+MLP = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+
+
+def make_adapter(folder: Path, model, targets, *, rank, seed, base: str, curve=None, alpha=None):
+    """An adapter with random nonzero B (so it changes outputs) written by core.adapter."""
+    lora.inject_adapter(model, targets, "tmp", rank=rank, alpha=alpha or 2 * rank)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            if "tmp" in layer.lora_B:
+                layer.lora_B["tmp"].copy_(torch.randn(layer.lora_B["tmp"].shape, generator=g) * 0.5)
+    studio = {}
+    if curve:
+        studio = {"loss_curve": curve, "training": {"steps": len(curve), "final_loss": curve[-1][1]}}
+    adapter_io.save_adapter(model, folder, "tmp", base_model=base, studio=studio)
+    lora.remove_adapter(model, "tmp")
+    return folder
+
+
+@pytest.fixture
+def setup(tmp_path, checkpoint):
+    """A library with three adapters for the tiny checkpoint and one for another architecture."""
+    base = str(checkpoint)
+    loaded = models.load_model(base, device="cpu")
+    lib = Library()
+    made = tmp_path / "made"
+    a = lib.add_folder(make_adapter(made / "qv", loaded.model, ATTN_QV, rank=4, seed=1, base=base,
+                                    curve=[[1, 2.5], [2, 2.1], [3, 1.7]]), name="qv-small")
+    b = lib.add_folder(make_adapter(made / "mlp", loaded.model, MLP, rank=8, seed=2, base=base,
+                                    curve=[[1, 3.0], [2, 2.0]]), name="mlp-wide")
+    c = lib.add_folder(make_adapter(made / "qv2", loaded.model, ATTN_QV, rank=2, seed=3, base=base),
+                       name="qv-other")
+    other = tiny_llama(seed=5, vocab_size=TOKENIZER_VOCAB, hidden_size=48, num_attention_heads=4,
+                       num_key_value_heads=2)
+    d = lib.add_folder(make_adapter(made / "wide", other, ATTN_QV, rank=4, seed=4, base="some/other-model"),
+                       name="other-arch")
+    return {"loaded": loaded, "lib": lib, "entries": {e.name: e for e in (a, b, c, d)}, "base": base}
+
+
+@pytest.fixture
+def page(qtbot, setup):
+    state = StudioState()
+    state.config.model.source = setup["base"]
+    state.config.model.device = "cpu"
+    p = LibraryPage(state)
+    p.resize(1300, 800)
+    qtbot.addWidget(p)
+    p.show()
+    yield p
+    p.shutdown()
+    for w in (p.job, p.check_worker, p.analysis_worker):
+        if w is not None:
+            w.wait(20_000)
+
+
+def names_in_view(page) -> list[str]:
+    col = COLUMN["name"]
+    return [page.proxy.index(r, col).data() for r in range(page.proxy.rowCount())]
+
+
+def wait_idle(qtbot, page, timeout=60_000):
+    qtbot.waitUntil(lambda: page.job is None and page.check_worker is None, timeout=timeout)
+
+
+def load(qtbot, page, setup):
+    page.state.set_loaded(setup["loaded"])
+    wait_idle(qtbot, page)
+    assert len(page.model.compat) == 4
+
+
+def test_lists_filters_and_sorts(qtbot, page, setup):
+    assert sorted(names_in_view(page)) == ["mlp-wide", "other-arch", "qv-other", "qv-small"]
+    row = {page.proxy.index(r, COLUMN["name"]).data(): r for r in range(page.proxy.rowCount())}["qv-small"]
+    cell = lambda key: page.proxy.index(row, COLUMN[key]).data()  # noqa: E731
+    assert cell("rank") == "4" and cell("alpha") == "8"
+    assert "q_proj" in cell("targets") and "v_proj" in cell("targets")
+    assert cell("loss") == "1.7000"
+    assert cell("base_model") == setup["base"]
+    page.search.setText("qv")
+    assert sorted(names_in_view(page)) == ["qv-other", "qv-small"]
+    page.search.setText("down_proj")  # targets are searchable too
+    assert names_in_view(page) == ["mlp-wide"]
+    page.search.clear()
+    i = page.base_filter.findData("some/other-model")
+    assert i > 0
+    page.base_filter.setCurrentIndex(i)
+    assert names_in_view(page) == ["other-arch"]
+    page.base_filter.setCurrentIndex(0)
+    page.table.sortByColumn(COLUMN["rank"], Qt.SortOrder.AscendingOrder)
+    assert names_in_view(page)[0] == "qv-other" and names_in_view(page)[-1] == "mlp-wide"
+    page.table.sortByColumn(COLUMN["loss"], Qt.SortOrder.AscendingOrder)
+    view = names_in_view(page)
+    assert view[:2] == ["qv-small", "mlp-wide"]  # 1.7 < 2.0, adapters without a loss last
+    page.table.sortByColumn(COLUMN["loss"], Qt.SortOrder.DescendingOrder)
+    assert names_in_view(page)[:2] == ["mlp-wide", "qv-small"]
+
+
+def test_details_notes_rename_delete_undo(qtbot, page, setup):
+    page.select_name("qv-small")
+    assert "qv-small" in page.title.text()
+    assert "r = 4" in page.facts.text()
+    assert page.curve.final_losses() == {"qv-small": pytest.approx(1.7)}
+    page.notes.setPlainText("good at questions")
+    assert page.save_notes_button.isEnabled()
+    page.save_notes_button.click()
+    assert Library().resolve("qv-small").notes == "good at questions"
+    # notes typed and not saved are saved when the selection moves on
+    page.notes.setPlainText("edited again")
+    page.select_name("mlp-wide")
+    assert Library().resolve("qv-small").notes == "edited again"
+
+    page.select_name("qv-small")
+    page.ask_text = lambda *a: "questions-v1"
+    page.rename_button.click()
+    assert "questions-v1" in names_in_view(page) and "qv-small" not in names_in_view(page)
+    assert [e.name for e in page.selected_entries()] == ["questions-v1"]
+
+    page.select_name("questions-v1")
+    page.delete_button.click()
+    assert "questions-v1" not in names_in_view(page)
+    assert page.undo_bar.isVisible() and "questions-v1" in page.undo_bar.label.text()
+    assert [e.name for e in Library().trash()] == ["questions-v1"]
+    page.undo_bar.undo.click()
+    assert "questions-v1" in names_in_view(page)
+    restored = Library().resolve("questions-v1")
+    assert restored.notes == "edited again"
+    assert not page.undo_bar.isVisible()
+
+
+def reference_logits(setup, name: str | None, merged=False):
+    """Logits of a fresh copy of the base model with library adapter ``name`` loaded by core.adapter."""
+    fresh = models.load_model(setup["base"], device="cpu").model
+    if name:
+        adapter_io.load_adapter(fresh, setup["entries"][name].path, name="x")
+        if merged:
+            lora.merge_adapter(fresh, "x")
+    with torch.no_grad():
+        return fresh(token_batch(vocab=TOKENIZER_VOCAB)).logits
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(token_batch(vocab=TOKENIZER_VOCAB)).logits
+
+
+def test_apply_swap_merge_unmerge_change_outputs(qtbot, page, setup):
+    load(qtbot, page, setup)
+    model = setup["loaded"].model
+    base = logits(model)
+    page.select_name("qv-small")
+    assert page.apply_button.isEnabled()
+    assert not page.swap_button.isEnabled()  # nothing active to swap out yet
+    page.apply_button.click()
+    wait_idle(qtbot, page)
+    qv = setup["entries"]["qv-small"].id
+    assert lora.active_adapters(model) == [qv]
+    torch.testing.assert_close(logits(model), reference_logits(setup, "qv-small"), atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(model), base, atol=1e-3)
+    assert page.model.on_model == {qv: "active"}
+    assert "qv-small (active)" in page.model_line.text()
+
+    page.select_name("mlp-wide")
+    assert page.swap_button.isEnabled()
+    page.swap_button.click()
+    wait_idle(qtbot, page)
+    mlp = setup["entries"]["mlp-wide"].id
+    assert lora.active_adapters(model) == [mlp]
+    torch.testing.assert_close(logits(model), reference_logits(setup, "mlp-wide"), atol=1e-5, rtol=0)
+
+    unmerged = logits(model)
+    page.merge_button.click()
+    wait_idle(qtbot, page)
+    assert lora.merged_adapters(model) == [mlp]
+    assert page.model.on_model[mlp] == "merged"
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-4, rtol=0)
+    assert page.unmerge_button.isEnabled()
+    page.unmerge_button.click()
+    wait_idle(qtbot, page)
+    assert lora.merged_adapters(model) == []
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-4, rtol=0)
+
+    page.detach_button.click()
+    wait_idle(qtbot, page)
+    assert mlp not in lora.adapter_names(model)
+    page.select_name("qv-small")
+    page.detach_button.click()
+    wait_idle(qtbot, page)
+    torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=0)
+
+
+def test_incompatible_adapter_is_greyed_and_cannot_be_applied(qtbot, page, setup):
+    load(qtbot, page, setup)
+    other = setup["entries"]["other-arch"].id
+    assert page.model.compat[other].problems
+    assert all(page.model.compat[e.id].ok for n, e in setup["entries"].items() if n != "other-arch")
+    page.select_name("other-arch")
+    assert not page.apply_button.isEnabled() and not page.merge_button.isEnabled()
+    assert "Does not fit" in page.apply_button.toolTip()
+    row = names_in_view(page).index("other-arch")
+    assert "Cannot be applied" in page.proxy.index(row, 0).data(Qt.ItemDataRole.ToolTipRole)
+    assert page.proxy.index(row, 0).data(Qt.ItemDataRole.ForegroundRole) is not None
+    assert "Does not fit the loaded model" in page.compat_label.text()
+    errors = []
+    page.state.error.connect(errors.append)
+    page.apply_selected()  # even called directly, it refuses
+    assert errors and "cannot be applied" in errors[0]
+    assert lora.adapter_names(setup["loaded"].model) == []
+
+
+def test_fingerprint_mismatch_asks_first(qtbot, page, setup):
+    load(qtbot, page, setup)
+    entry = setup["entries"]["qv-other"]
+    from studio.pages.library import Compat
+
+    page.model.compat[entry.id] = Compat([], ["trained on different weights"])
+    page.select_name("qv-other")
+    asked = []
+    page.ask_confirm = lambda title, text: asked.append(text) or False
+    page.apply_button.click()
+    assert asked and "different weights" in asked[0]
+    assert page.job is None and lora.adapter_names(setup["loaded"].model) == []
+    page.ask_confirm = lambda title, text: True
+    page.apply_button.click()
+    wait_idle(qtbot, page)
+    assert lora.active_adapters(setup["loaded"].model) == [entry.id]
+
+
+def test_export_adapter_folder_and_zip_then_import(qtbot, page, setup, tmp_path):
+    page.select_name("mlp-wide")
+    dest = tmp_path / "out" / "mlp-folder"
+    page.ask_save_path = lambda *a: (str(dest), False)
+    page.export_button.click()
+    assert (dest / "adapter_config.json").is_file() and (dest / "adapter_model.safetensors").is_file()
+    page.ask_save_path = lambda *a: (str(tmp_path / "out" / "mlp"), True)
+    page.export_button.click()
+    zipped = tmp_path / "out" / "mlp.zip"
+    assert zipped.is_file()
+    page.ask_import_path = lambda folder: str(zipped)
+    page.import_dialog(folder=False)
+    assert len(names_in_view(page)) == 5
+    new = [e for e in page.selected_entries()]
+    assert len(new) == 1 and new[0].name.startswith("mlp-wide") and new[0].name != "mlp-wide"
+    assert new[0].rank == 8
+    errors = []
+    page.state.error.connect(errors.append)
+    page.import_path(str(tmp_path / "nothing-here"))
+    assert errors and "no such file" in errors[0]
+
+
+def test_combine_creates_an_entry(qtbot, page, setup):
+    pytest.importorskip("core.combine")
+    page.select_ids([setup["entries"]["qv-small"].id, setup["entries"]["qv-other"].id])
+    assert page.combine_button.isEnabled()
+    page.ask_combine = lambda entries, title, with_name: {
+        "weights": [1.0 if e.name == "qv-small" else 0.5 for e in entries], "mode": "exact", "rank": None,
+        "name": "qv-blend"}
+    page.combine_button.click()
+    wait_idle(qtbot, page)
+    assert "qv-blend" in names_in_view(page)
+    blend = Library().resolve("qv-blend")
+    assert blend.rank is not None and blend.rank >= 4
+    assert "qv-small × 1" in blend.notes and "qv-other × 0.5" in blend.notes
+    # exact: the combined ΔW is the weighted sum of the two
+    a = adapter_io.read_adapter(setup["entries"]["qv-small"].path)
+    b = adapter_io.read_adapter(setup["entries"]["qv-other"].path)
+    c = adapter_io.read_adapter(blend.path)
+    m = ATTN_QV[0]
+    torch.testing.assert_close(c.delta(m), a.delta(m) + 0.5 * b.delta(m), atol=1e-5, rtol=1e-4)
+    assert [e.name for e in page.selected_entries()] == ["qv-blend"]
+
+
+def test_export_merged_model_in_a_worker(qtbot, page, setup, tmp_path):
+    page.select_name("qv-small")
+    out = tmp_path / "merged"
+    page.ask_save_path = lambda *a: (str(out), False)
+    page.export_merged_button.click()
+    assert page.job is not None and page.job_row.isVisible()
+    wait_idle(qtbot, page, timeout=120_000)
+    assert (out / "config.json").is_file()
+    assert page.last_report and Path(page.last_report["out"]) == out
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(plain), reference_logits(setup, "qv-small"), atol=1e-4, rtol=0)
+
+
+def test_export_merged_cancel_leaves_nothing(qtbot, page, setup, tmp_path):
+    page.select_name("qv-small")
+    out = tmp_path / "merged-cancelled"
+    page.ask_save_path = lambda *a: (str(out), False)
+    page.export_merged_button.click()
+    with qtbot.waitSignal(page.job.cancelled, timeout=60_000):
+        page.job_cancel.click()
+    wait_idle(qtbot, page)
+    assert not out.exists()
+
+
+def test_delta_analysis_tab(qtbot, page, setup):
+    pytest.importorskip("core.analysis")
+    page.select_name("qv-small")
+    page.tabs.setCurrentWidget(page.delta)
+    qtbot.waitUntil(lambda: bool(page.delta.facts), timeout=30_000)
+    assert set(page.delta.facts) == set(ATTN_QV)
+    f = page.delta.facts[ATTN_QV[0]]
+    assert len(f.singular_values) >= 1 and f.effective_rank is not None and 1 <= f.effective_rank <= 4
+    page.delta.choose(ATTN_QV[1])
+    assert page.delta.chooser.currentData() == ATTN_QV[1]
+
+
+def test_empty_library_says_what_to_do(qtbot):
+    state = StudioState()
+    p = LibraryPage(state)
+    qtbot.addWidget(p)
+    p.show()
+    assert p.empty.isVisible() and "Train an adapter" in p.empty.text()
+    assert not p.delete_button.isEnabled() and p.import_button.isEnabled()
