@@ -328,17 +328,39 @@ def _txt_rows(path: str, mode: str, size: int, mtime_ns: int) -> Iterator[dict]:
             yield {"text": "\n".join(para)}
 
 
-def _first_bad_utf8(path: Path) -> tuple[int, int, int] | None:
-    """(line, byte offset in the file, the byte) of the first invalid UTF-8 sequence, or None."""
+def _first_bad_utf8(path: Path, block: int = 1 << 24) -> tuple[int, int, int] | None:
+    """(line, byte offset in the file, the byte) of the first invalid UTF-8 sequence, or None.
+
+    Decodes 16 MiB blocks incrementally (a multi-byte character may straddle two blocks), so a
+    large file is checked at the speed of the codec, about a second per GiB."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        while True:
+            chunk = f.read(block)
             try:
-                line.decode("utf-8")
+                decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
-                return lineno, offset + e.start, line[e.start]
-            offset += len(line)
-    return None
+                # e.start is relative to the decoder's pending bytes plus this chunk
+                pending = len(e.object) - len(chunk)
+                at = offset - pending + e.start
+                with open(path, "rb") as g:
+                    head = g.read(at + 1)
+                return head.count(b"\n", 0, at) + 1, at, head[at]
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _utf8_error(path: Path) -> StudioError | None:
+    bad = _first_bad_utf8(path)
+    if bad is None:
+        return None
+    lineno, offset, byte = bad
+    return StudioError(f"{path}: line {lineno} (byte {offset}): not UTF-8 text (byte 0x{byte:02x})",
+                       hint="save the file with UTF-8 encoding")
 
 
 def _first_bad_json_line(path: Path) -> str | None:
@@ -359,11 +381,6 @@ def _first_bad_json_line(path: Path) -> str | None:
 
 def _diagnose(path: Path, kind: str, err: BaseException) -> StudioError:
     """Turn a failure of ``datasets`` into one message naming the line at fault (runs only on failure)."""
-    bad = _first_bad_utf8(path) if path.is_file() else None
-    if bad:
-        lineno, offset, byte = bad
-        return StudioError(f"{path}: line {lineno} (byte {offset}): not UTF-8 text (byte 0x{byte:02x})",
-                           hint="save the file with UTF-8 encoding")
     if kind == "jsonl":
         where = _first_bad_json_line(path)
         if where:
@@ -418,6 +435,11 @@ def _load(path: Path, fields: Mapping[str, str] | None) -> tuple[Any, list[str]]
         size = path.stat().st_size
         if size == 0 or (size < 65536 and not path.read_bytes().strip()):
             raise StudioError(f"{path}: the file is empty")
+        if suffix != ".parquet":
+            # pyarrow's JSON reader passes some invalid UTF-8 through into the strings: check first
+            bad = _utf8_error(path)
+            if bad:
+                raise bad
         cache = str(_cache_dir())
         kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
                 ".parquet": "parquet", ".txt": "txt"}[suffix]
@@ -439,6 +461,8 @@ def _load(path: Path, fields: Mapping[str, str] | None) -> tuple[Any, list[str]]
         except StudioError:
             raise
         except Exception as e:  # datasets wraps pyarrow, pandas and codec errors in many types
+            if "corresponds to no data" in str(e):  # a JSON [] : datasets finds no split at all
+                raise StudioError(f"{path}: the file has no examples") from None
             raise _diagnose(path, kind, e) from None
 
         if kind == "csv" and ds.column_names and ds.column_names[0].startswith("\ufeff"):
@@ -815,6 +839,12 @@ def _labels_for(ids: list[int], offsets, spans, end_ids: set[int], eos_id: int |
 def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list]:
     """Token ids and character offsets for many texts in one call of the fast tokenizer."""
     if getattr(tokenizer, "is_fast", False):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            # straight to the Rust tokenizer: the same ids and offsets as tokenizer(...), without the
+            # wrapper's "longer than the maximum length" warning for examples we cut ourselves
+            encs = backend.encode_batch(texts, add_special_tokens=False)
+            return [e.ids for e in encs], [e.offsets for e in encs]
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
     raise StudioError("this tokenizer is not a fast (Rust) tokenizer, which LoRA Studio needs to find the "
@@ -1014,12 +1044,13 @@ def token_stats(lengths, bins: int = 20) -> dict:
         return {"count": 0, "min": 0, "max": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0,
                 "histogram": {"edges": [], "counts": []}}
     lo, hi = int(a.min()), int(a.max())
-    nb = max(1, min(bins, hi - lo + 1))
-    counts, edges = np.histogram(a, bins=nb, range=(lo, hi + 1))
+    width = -(-(hi - lo + 1) // bins)  # whole tokens per bin, so every bin is "from n to m tokens"
+    edges = lo + width * np.arange(-(-(hi - lo + 1) // width) + 1)
+    counts, _ = np.histogram(a, bins=edges)
     pct = lambda q: int(np.percentile(a, q, method="nearest"))  # noqa: E731 — a length, not between two
     return {"count": int(a.size), "min": lo, "max": hi, "mean": round(float(a.mean()), 2),
             "p50": pct(50), "p90": pct(90), "p99": pct(99),
-            "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]}}
+            "histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]}}
 
 
 def render_marked(encoded: Encoded, tokenizer) -> list[tuple[str, bool]]:
