@@ -246,26 +246,16 @@ def _curve(rows: Any) -> list[list[float]]:
     return out
 
 
-def read_metrics(path: Path) -> tuple[list[list[float]], list[list[float]], dict]:
-    """The training and evaluation curves of a run's ``metrics.jsonl`` and a summary of them.
-
-    Lines that are not JSON (a line cut short by a crash) are skipped: the curve is a record, not a
-    contract. Returns ``(train [[step, loss]], eval [[step, eval_loss]], summary)``.
-    """
+def metrics_curves(rows: list[dict]) -> tuple[list[list[float]], list[list[float]], dict]:
+    """The training and evaluation curves of a run's metrics rows (``core.runs.read_metrics``) and a
+    summary with the trainer's own key names (steps, final_loss, best_eval_loss, duration_seconds,
+    tokens). Returns ``(train [[step, loss]], eval [[step, eval_loss]], summary)``."""
     train: list[list[float]] = []
     evals: list[list[float]] = []
     seconds = 0.0
     tokens = 0
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return train, evals, {}
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+    for row in rows:
+        if not isinstance(row.get("step"), (int, float)):
             continue
         step = int(row["step"])
         if isinstance(row.get("loss"), (int, float)):
@@ -273,16 +263,16 @@ def read_metrics(path: Path) -> tuple[list[list[float]], list[list[float]], dict
             if isinstance(row.get("step_seconds"), (int, float)):
                 seconds += float(row["step_seconds"])
             if isinstance(row.get("tokens"), (int, float)):
-                tokens = max(tokens, int(row["tokens"]))
+                tokens += int(row["tokens"])
         if isinstance(row.get("eval_loss"), (int, float)):
             evals.append([step, float(row["eval_loss"])])
     summary: dict[str, Any] = {}
     if train:
-        summary.update(steps=train[-1][0], final_loss=train[-1][1], duration_s=round(seconds, 3))
+        summary.update(steps=train[-1][0], final_loss=train[-1][1], duration_seconds=round(seconds, 3))
         if tokens:
             summary["tokens"] = tokens
     if evals:
-        summary.update(final_val_loss=evals[-1][1], best_val_loss=min(v for _, v in evals))
+        summary.update(final_eval_loss=evals[-1][1], best_eval_loss=min(v for _, v in evals))
     return train, evals, summary
 
 
@@ -320,7 +310,7 @@ class Entry:
     dataset: dict = field(default_factory=dict)
     """``path`` and ``hash`` of the training data (and its format and rows when known)."""
     training: dict = field(default_factory=dict)
-    """steps, final_loss, best_val_loss, duration_s, ... when known."""
+    """The trainer's summary: steps, final_loss, best_eval_loss, duration_seconds, tokens... when known."""
     loss_curve: list = field(default_factory=list)
     """``[[step, loss], ...]`` of training."""
     eval_curve: list = field(default_factory=list)
@@ -334,7 +324,7 @@ class Entry:
     def loss(self) -> float | None:
         """The figure the library sorts by: best validation loss, else the final training loss."""
         t = self.training or {}
-        for key in ("best_val_loss", "final_val_loss", "final_loss"):
+        for key in ("best_eval_loss", "final_eval_loss", "final_loss"):
             if isinstance(t.get(key), (int, float)):
                 return float(t[key])
         return None
@@ -378,11 +368,13 @@ def _describe(folder: Path, *, name: str, imported_from: str, studio: dict | Non
     training.pop("eval_curve", None)
     if curve and "final_loss" not in training:
         training["final_loss"] = curve[-1][1]
-    if evals and "best_val_loss" not in training:
-        training["best_val_loss"] = min(v for _, v in evals)
+    if evals and training.get("best_eval_loss") is None:
+        training["best_eval_loss"] = min(v for _, v in evals)
     dataset = _first(studio, "dataset", "data", default={})
     if isinstance(dataset, str):
         dataset = {"path": dataset}
+    if isinstance(dataset, dict) and dataset.get("sha256") and not dataset.get("hash"):
+        dataset = dict(dataset, hash=dataset["sha256"])  # the trainer's key; "hash" is the library's
     base = _first(studio, "base_model.spec", "base_model.name", "base_model", default=None)
     fp = _first(studio, "fingerprint", "base_fingerprint", "base_model.fingerprint", default=None)
     e = Entry(
@@ -774,7 +766,9 @@ class Library:
             with contextlib.suppress(StudioError):
                 c = _read_json(run / "config.json")
                 config = c if isinstance(c, dict) else {}
-        train, evals, summary = read_metrics(run / "metrics.jsonl")
+        from core import runs
+
+        train, evals, summary = metrics_curves(runs.read_metrics(run))
         studio = _read_json(adapter_dir / STUDIO_FILE) if (adapter_dir / STUDIO_FILE).is_file() else {}
         studio = studio if isinstance(studio, dict) else {}
         extra: dict[str, Any] = {}

@@ -383,8 +383,8 @@ def test_adopt_run_reads_the_curve_from_metrics(lib, tmp_path):
     assert e.dataset == {"path": "/data/train.jsonl", "format": "chat"}
     assert len(e.loss_curve) == 10 and e.loss_curve[-1] == [10, pytest.approx(2.0)]
     assert e.eval_curve == [[5, 2.2], [10, 2.05]]
-    assert e.training["steps"] == 10 and e.training["best_val_loss"] == 2.05
-    assert e.training["duration_s"] == pytest.approx(5.0) and e.loss == 2.05
+    assert e.training["steps"] == 10 and e.training["best_eval_loss"] == 2.05
+    assert e.training["duration_seconds"] == pytest.approx(5.0) and e.loss == 2.05
     assert lib.adopt_run(run).id == e.id and len(lib.entries()) == 1  # adopting twice: one entry
     assert lib.import_path(run).id == e.id  # a run folder given to import is adopted
     with pytest.raises(StudioError, match="no finished adapter"):
@@ -453,3 +453,39 @@ def test_library_errors_are_one_line_in_a_real_process(tmp_path):
                        capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr
+
+
+def test_a_trained_run_enters_the_library_with_its_provenance(tmp_path):
+    """End to end: the trainer's run folder is adopted, its fingerprint lets check() tell the base it
+    was trained on from another with the same shapes, and the entry merges by name."""
+    from conftest import tiny_checkpoint
+    from core import models
+    from core.config import RunConfig
+    from core.train import Trainer
+
+    ckpt = tiny_checkpoint(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"number {i}"}) for i in range(12)))
+    cfg = RunConfig()
+    cfg.model.source, cfg.model.device = str(ckpt), "cpu"
+    cfg.data.path, cfg.data.val_split, cfg.data.max_length = str(data), 0.25, 32
+    cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every, cfg.train.save_every = 3, 2, 3, 0
+    cfg.lora.rank, cfg.lora.targets = 2, "attention-qv"
+    cfg.out, cfg.name = str(tmp_path / "run"), "trained here"
+    result = Trainer(cfg).run()
+    lib = Library()
+    e = lib.adopt_run(result.out)
+    assert e.name == "trained here" and e.base_model == str(ckpt) and e.rank == 2
+    assert [s for s, _ in e.loss_curve] == [1, 2, 3] and len(e.eval_curve) == 1
+    assert e.training["steps"] == 3 and e.loss == e.training["best_eval_loss"]
+    assert e.dataset["path"] == str(data) and len(e.dataset["hash"]) == 64
+    assert e.base_fingerprint and e.base_fingerprint["content"]
+    base = models.load_model(str(ckpt), device="cpu", precision="fp32")
+    assert lib.check(e, base) == ([], [])
+    other = tiny_checkpoint(tmp_path / "other", seed=3)
+    problems, warnings = lib.check(e, models.load_model(str(other), device="cpu", precision="fp32"))
+    assert problems == [] and "different weights" in warnings[0]
+    from studio.cli import run
+
+    assert run(["merge", "--model", str(ckpt), "--adapter", "trained here", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()

@@ -139,7 +139,8 @@ def cmd_show(args) -> int:
         ("targets", f"{', '.join(e.targets)} ({e.modules} modules)"),
         ("trainable parameters", f"{e.trainable_params:,}"), ("size", _size(e.size_bytes)),
         ("dataset", e.dataset.get("path", "-") + (f" (sha256 {e.dataset['hash'][:12]})" if e.dataset.get("hash") else "")),
-        ("training", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items()) or "-"),
+        ("training", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items()
+                               if isinstance(v, (int, float, str)) and v != "") or "-"),
         ("loss curve", f"{len(e.loss_curve)} points" + (f", {len(e.eval_curve)} evaluations" if e.eval_curve else "")),
         ("notes", e.notes or "-"),
     ]
