@@ -131,3 +131,76 @@ def test_errors_name_the_problem(llama):
         analysis.analyse(gpt, llama)
     with pytest.raises(StudioError, match="energy"):
         analysis.analyse(ad, energy=1.5)
+
+
+# -- lora-studio inspect ------------------------------------------------------------------------------
+
+def _inspect(capsys, *args):
+    from studio import cli
+
+    capsys.readouterr()  # drop what set-up printed (transformers' progress bars)
+    code = cli.run(["inspect", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def saved(checkpoint, tmp_path):
+    """An adapter trained (randomly) on the tiny checkpoint folder, saved with a studio.json."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    lora.inject_adapter(model, targets.resolve_targets(model, "attention-qv"), rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for p in lora.lora_parameters(model).values():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    folder = tmp_path / "adapter"
+    adapter.save_adapter(model, folder, base_model=str(checkpoint),
+                         studio={"dataset": {"path": "data.jsonl", "rows": 12},
+                                 "training": {"steps": 5, "final_loss": 1.25}, "loss_curve": [[1, 2.5], [5, 1.25]]})
+    return folder
+
+
+def test_inspect_prints_the_adapter_and_its_analysis(capsys, saved, checkpoint):
+    code, out, err = _inspect(capsys, saved)
+    assert code == 0, err
+    assert "rank        4   alpha 8" in out and "4 modules: q_proj, v_proj" in out
+    assert str(checkpoint) in out and "LlamaForCausalLM" in out
+    assert "steps 5" in out and "final_loss 1.25" in out and "2.5 → 1.25" in out
+    assert "model.layers.1.self_attn.v_proj" in out and "give --model" in out
+
+    code, out, err = _inspect(capsys, saved, "--model", checkpoint, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["trainable_parameters"] == 2 * 4 * ((32 + 32) + (32 + 16))
+    assert 0 < info["share"] < 1 and info["studio"]["training"]["steps"] == 5
+    rows = info["analysis"]["modules"]
+    assert len(rows) == 4 and all(r["amplification"] > 0 for r in rows)
+    assert all(len(r["singular_values"]) == 4 for r in rows)
+
+
+def test_inspect_a_peft_adapter(capsys, llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "peft")
+    code, out, err = _inspect(capsys, tmp_path / "peft")
+    assert code == 0, err
+    assert "(peft format)" in out and "eff.r" in out
+
+
+def test_inspect_errors_are_one_line_with_exit_1(capsys, saved, tmp_path):
+    from conftest import tiny_checkpoint
+
+    code, _, err = _inspect(capsys, tmp_path / "missing")
+    assert code == 1 and "no such folder" in err and err.count("\n") == 1 and err.startswith("error: ")
+    other = tiny_checkpoint(tmp_path / "gpt2", arch="gpt2")
+    code, _, err = _inspect(capsys, saved, "--model", other)
+    assert code == 1 and "module 'model.layers.0.self_attn.q_proj' is not in this model" in err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1 and "Traceback" not in err
+    config = saved / "adapter_config.json"
+    config.write_text(config.read_text().replace('"use_dora": false', '"use_dora": true'))
+    code, _, err = _inspect(capsys, saved)
+    assert code == 1 and "DoRA" in err
+    code, _, err = _inspect(capsys, saved, "--energy", "2")
+    assert code == 1 and "--energy" in err
