@@ -341,3 +341,55 @@ def test_empty_library_says_what_to_do(qtbot):
     p.show()
     assert p.empty.isVisible() and "Train an adapter" in p.empty.text()
     assert not p.delete_button.isEnabled() and p.import_button.isEnabled()
+
+
+# -- Compare runs ------------------------------------------------------------------------------------
+
+def make_run(folder: Path, *, name: str, rank: int, lr: float, losses: list[float], evals=()):
+    """A run folder as core.runs writes it: config.json, metrics.jsonl, status.json."""
+    from core.config import RunConfig
+    from core.runs import RunFolder
+
+    cfg = RunConfig()
+    cfg.name, cfg.out = name, str(folder)
+    cfg.lora.rank, cfg.train.lr = rank, lr
+    run = RunFolder(folder)
+    run.write_config(cfg)
+    for i, loss in enumerate(losses, start=1):
+        run.append_metric({"step": i, "loss": loss, "lr": lr, "tokens": 100 * i, "step_seconds": 0.1})
+    for step, v in evals:
+        run.append_metric({"step": step, "eval_loss": v})
+    run.close()
+    run.write_status("finished", step=len(losses), total_steps=len(losses), name=name)
+    return folder
+
+
+def test_compare_runs_overlays_curves_and_highlights_differences(qtbot, tmp_path):
+    from core.home import runs_dir
+    from studio.pages.compare import ComparePage
+
+    a = make_run(runs_dir() / "run-a", name="rank 4", rank=4, lr=2e-4, losses=[3.0, 2.5, 2.0], evals=[(3, 2.2)])
+    b = make_run(runs_dir() / "run-b", name="rank 16", rank=16, lr=2e-4, losses=[3.0, 2.2, 1.6, 1.4])
+    elsewhere = make_run(tmp_path / "elsewhere" / "run-c", name="lr high", rank=4, lr=1e-3, losses=[3.1, 2.9])
+    page = ComparePage(StudioState())
+    qtbot.addWidget(page)
+    page.show()
+    assert page.run_table.rowCount() == 2
+    assert page.config_table.rowCount() == 0
+    page.set_checked([str(a), str(b)])
+    assert page.curves.final_losses() == {"rank 4": pytest.approx(2.0), "rank 16": pytest.approx(1.4)}
+    assert "lora.rank" in page.differing and "train.lr" not in page.differing
+    rows = {page.config_table.item(r, 0).text(): r for r in range(page.config_table.rowCount())}
+    rank_row, lr_row = rows["lora.rank"], rows["train.lr"]
+    assert [page.config_table.item(rank_row, c).text() for c in (1, 2)] in (["4", "16"], ["16", "4"])
+    assert page.config_table.item(rank_row, 1).background().color().alpha() > 0
+    assert page.config_table.item(lr_row, 1).background().style() == Qt.BrushStyle.NoBrush
+    assert page.config_table.item(rows["best validation loss"], 1).text() in ("2.2000", "–")
+    page.only_diff.setChecked(True)
+    assert not page.config_table.isRowHidden(rank_row) and page.config_table.isRowHidden(lr_row)
+
+    page.add_root(str(elsewhere.parent))
+    assert page.run_table.rowCount() == 3
+    page.set_checked([str(a), str(b), str(elsewhere)])
+    assert "train.lr" in page.differing
+    assert len(page.curves.series) == 3

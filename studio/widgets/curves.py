@@ -54,7 +54,7 @@ class CurvesPlot(QWidget):
         self.plot.setMenuEnabled(False)
         if title:
             self.plot.setTitle(title)
-        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.legend = self.plot.addLegend(offset=(-10, 10), labelTextColor=palette_colors()["foreground"])
         self.empty = QLabel("", alignment=Qt.AlignmentFlag.AlignCenter)
         self.empty.setStyleSheet("color: palette(placeholder-text);")
         self.empty.hide()
@@ -87,12 +87,15 @@ class CurvesPlot(QWidget):
                     faint = QColor(color)
                     faint.setAlpha(60)
                     self.plot.plot(x, y, pen=pg.mkPen(faint, width=1))
-                    y_line = smooth(y, self.smoothing)
+                    # longer curves take more smoothing: the trend, not the batch-to-batch noise
+                    weight = min(0.95, max(self.smoothing, 1 - 20 / len(y)))
+                    y_line = smooth(y, weight)
                 else:
                     y_line = y
                 curve = self.plot.plot(x, y_line, pen=pg.mkPen(color, width=2),
                                        name=name if len(series) > 1 else "training loss")
-                curve.setDownsampling(auto=True, method="peak")
+                if len(x) > 5000:  # peak downsampling draws min/max pairs: only worth it when huge
+                    curve.setDownsampling(auto=True, method="peak")
                 curve.setClipToView(True)
                 entry["curve"] = curve
                 shown += 1
