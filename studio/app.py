@@ -143,7 +143,10 @@ class MainWindow(QMainWindow):
     def show_page(self, key: str) -> None:
         for i, p in enumerate(self.pages):
             if p.KEY == key:
-                self.sidebar.setCurrentRow(i)
+                if self.sidebar.currentRow() == i:
+                    p.page_shown()
+                else:
+                    self.sidebar.setCurrentRow(i)
 
     def _show_page(self, row: int) -> None:
         if 0 <= row < len(self.pages):
@@ -201,7 +204,11 @@ class MainWindow(QMainWindow):
             row = int(row)
         except (TypeError, ValueError):
             row = 0
+        # Signals blocked: the page's page_shown (which may start workers) waits for the window to show.
+        self.sidebar.blockSignals(True)
         self.sidebar.setCurrentRow(row if 0 <= row < len(self.pages) else 0)
+        self.stack.setCurrentIndex(self.sidebar.currentRow())
+        self.sidebar.blockSignals(False)
 
     def save_settings(self) -> None:
         s = settings()
@@ -221,7 +228,15 @@ class MainWindow(QMainWindow):
         if self._background:
             self._background = False
             # After the first paint: the window is up before torch starts loading in a worker.
-            QTimer.singleShot(50, self.state.refresh_model_info)
+            QTimer.singleShot(50, self._start_background)
+
+    def _start_background(self) -> None:
+        if self._closing:
+            return
+        self.state.refresh_model_info()
+        row = self.sidebar.currentRow()
+        if 0 <= row < len(self.pages):
+            self.pages[row].page_shown()
 
     def closeEvent(self, event) -> None:
         self._closing = True
@@ -245,6 +260,10 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     app.setApplicationName(APP_NAME)
     app.setOrganizationName(APP_NAME)
     app.setStyle("Fusion")
+    if not getattr(app, "_studio_quit_hook", False):
+        # Threads still running when the application quits would abort the process.
+        app.aboutToQuit.connect(lambda: workers.stop_all(timeout_ms=30_000))
+        app._studio_quit_hook = True
     try:
         from core.home import RESOURCES
         from PySide6.QtGui import QIcon

@@ -145,7 +145,7 @@ class StudioState(QObject):
         info.finished.connect(on_info)
         info.failed.connect(on_fail)
         info.progress.connect(lambda p, w=info: w is self._info_worker and self.message.emit(p[0]))
-        workers.start(info)
+        workers.start(info, owner=self)
 
     def _start_tokenizer(self, spec: str, trust: bool) -> None:
         tok = workers.FunctionWorker(_tokenizer, spec, trust)
@@ -174,7 +174,7 @@ class StudioState(QObject):
         tok.failed.connect(on_fail)
         tok.progress.connect(on_progress)
         tok.done.connect(on_done)
-        workers.start(tok)
+        workers.start(tok, owner=self)
 
     # -- the loaded model ------------------------------------------------------------------------
     def set_loaded(self, loaded) -> None:

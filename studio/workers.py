@@ -23,7 +23,8 @@ and a ``QThread`` that runs the job. Exactly one of finished / failed / cancelle
     w.progress.connect(lambda p: bar.setValue(int(100 * p[1])))
     w.finished.connect(self._on_loaded)
     w.failed.connect(self.state.show_error)
-    start(w)                                             # keeps a reference until done; returns w
+    start(w, owner=self)                                 # keeps a reference until done; returns w;
+                                                         # owner: disconnected when the page goes
     ...
     w.cancel()                                           # cooperative: the job polls cancelled()
 
@@ -113,6 +114,37 @@ def error_message(exc: BaseException) -> str:
     return f"Unexpected error: {type(exc).__name__}{': ' + first if first else ''}{where}"
 
 
+_imports_lock = threading.Lock()
+_imports_done = False
+
+
+def warm_imports() -> None:
+    """Import torch, transformers and datasets once, one thread at a time.
+
+    transformers resolves its names lazily on first attribute access; two threads doing that at the
+    same moment can see a half-initialised module (``module 'transformers' has no attribute
+    'PreTrainedTokenizerBase'`` from inside ``datasets``). Every worker passes through here before
+    its job, so the first one imports everything and the others wait for it, once.
+    """
+    global _imports_done
+    if _imports_done:
+        return
+    with _imports_lock:
+        if _imports_done:
+            return
+        import torch  # noqa: F401
+        import transformers
+
+        for name in ("PreTrainedTokenizerBase", "PreTrainedModel", "AutoConfig", "AutoTokenizer",
+                     "AutoModelForCausalLM", "PretrainedConfig"):
+            getattr(transformers, name)
+        try:
+            import datasets  # noqa: F401
+        except ImportError:  # only the data pages need it; their own import says what is missing
+            pass
+        _imports_done = True
+
+
 class Worker(QObject):
     """Base class: subclasses implement :meth:`work`; see the module docstring for the signals."""
 
@@ -121,6 +153,9 @@ class Worker(QObject):
     failed = Signal(str)
     cancelled = Signal()
     done = Signal()
+
+    heavy = True
+    """Import torch/transformers/datasets (once, under a lock) before :meth:`work`; see warm_imports."""
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
@@ -136,6 +171,19 @@ class Worker(QObject):
 
     def is_cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def detach(self, *_) -> None:
+        """Cancel and disconnect every slot (the widget that listened is going away)."""
+        import warnings
+
+        with warnings.catch_warnings():  # PySide warns when a signal had nothing connected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for sig in (self.progress, self.finished, self.failed, self.cancelled, self.done):
+                try:
+                    sig.disconnect()
+                except (RuntimeError, TypeError):
+                    pass
+        self.cancel()
 
     def wait(self, timeout_ms: int = -1) -> bool:
         """Block until the job's thread ended (True) or the timeout passed (False)."""
@@ -153,6 +201,8 @@ class Worker(QObject):
 
         self.started_at = time.monotonic()
         try:
+            if self.heavy:
+                warm_imports()
             result = self.work()
         except Cancelled:
             self.cancelled.emit()
@@ -189,18 +239,20 @@ class _Runner(QThread):
 _running: set[Worker] = set()
 
 
-def start(worker: Worker) -> Worker:
-    """Run ``worker`` in a new thread; keeps it alive until ``done``. Returns the worker."""
+def start(worker: Worker, owner: QObject | None = None) -> Worker:
+    """Run ``worker`` in a new thread; keeps it alive until its thread ends. Returns the worker.
+
+    ``owner`` (usually the page starting it): when the owner is destroyed, the worker is cancelled
+    and its signals are disconnected, so a result arriving later never reaches a deleted widget.
+    """
     thread = _Runner(worker)
     worker._thread = thread
     worker.running = True
     _running.add(worker)
-
-    def _finish() -> None:
-        _running.discard(worker)
-
-    worker.done.connect(_finish)
+    thread.finished.connect(lambda: _running.discard(worker))
     thread.finished.connect(thread.deleteLater)
+    if owner is not None:
+        owner.destroyed.connect(worker.detach)
     thread.start()
     return worker
 

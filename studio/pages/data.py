@@ -24,9 +24,6 @@ from studio.widgets.example_view import ExampleView
 from studio.widgets.histogram import LengthHistogram
 
 PREVIEW_ROWS = 200
-# The roles each format maps to columns (core.data's own table is used when it has one).
-ROLES = {"instruction": ("instruction", "input", "output"), "chat": ("messages",),
-         "prompt-completion": ("prompt", "completion"), "text": ("text",)}
 
 
 def _short(v, limit: int = 160) -> str:
@@ -72,13 +69,37 @@ class RowsModel(QAbstractTableModel):
         return str(section + 1)
 
 
+class ReadFailed(Exception):
+    """The file was read but its format or fields do not fit: carries its columns so the page can
+    offer the field mapping that fixes it."""
+
+    def __init__(self, message: str, columns: list[str]):
+        super().__init__(message)
+        self.columns = columns
+
+
+def _columns(path: str) -> list[str]:
+    """The file's columns when its format cannot be worked out (to offer a field mapping)."""
+    from core import data
+
+    try:
+        ds, _ = data._load(Path(path).expanduser(), None)  # the reading half of data.read
+        return list(ds.column_names)
+    except Exception:  # noqa: BLE001 - the file itself is unreadable: read's message says why
+        return []
+
+
 def _inspect(path: str, fmt: str, fields: dict, tokenizer, max_length: int, train_on_prompt: bool):
     """Read the file, detect the format, and render the first example (fast: no full tokenising)."""
     from core import data
+    from core.errors import StudioError
 
-    src = data.read(path, format=fmt, fields=fields or None)
+    try:
+        src = data.read(path, format=fmt, fields=fields or None)
+    except StudioError as e:
+        return {"error": str(e), "columns": _columns(path)}
     n = min(PREVIEW_ROWS, src.rows)
-    rows = [src.dataset[i] for i in range(n)]
+    rows = src.dataset.select(range(n)).to_list()
     out = {"source": src, "columns": list(src.columns), "rows": rows, "format": src.format,
            "fields": dict(src.fields), "count": src.rows, "pieces": None, "example_error": None}
     if tokenizer is not None and rows:
@@ -93,17 +114,21 @@ def _inspect(path: str, fmt: str, fields: dict, tokenizer, max_length: int, trai
     return out
 
 
-def _prepare(cfg, tokenizer, seed, *, progress, cancelled):
+def _prepare(cfg, tokenizer, seed, source, *, progress, cancelled):
     from core import data
 
     prepared = data.prepare(cfg, tokenizer, seed=seed, progress=lambda d, t: progress((d, t)),
-                            cancel=cancelled)
-    stats = prepared.stats if isinstance(prepared.stats, dict) else {}
-    if "histogram" not in stats:
-        lengths = [len(e["input_ids"]) for e in prepared.train] + [len(e["input_ids"]) for e in prepared.val]
-        stats = data.token_stats(lengths)
+                            cancel=cancelled, source=source)
+    stats = prepared.stats.get("lengths") if isinstance(prepared.stats, dict) else None
+    if not stats:
+        import numpy as np
+
+        stats = data.token_stats(np.concatenate([prepared.train.lengths, prepared.val.lengths]))
     return {"stats": stats, "truncated": prepared.truncated, "problems": list(prepared.problems),
-            "train": len(prepared.train), "val": len(prepared.val), "format": prepared.format}
+            "train": prepared.stats.get("train_examples", len(prepared.train)),
+            "val": len(prepared.val), "format": prepared.format,
+            "trained_tokens": prepared.stats.get("trained_tokens"), "tokens": prepared.stats.get("tokens"),
+            "skipped": prepared.stats.get("skipped", 0), "max_length": cfg.max_length}
 
 
 class DataPage(Page):
@@ -175,21 +200,26 @@ class DataPage(Page):
         prog_row.addWidget(self.progress, 1)
         prog_row.addWidget(self.cancel_button)
         self.problems = QListWidget()
-        self.problems.setMaximumHeight(110)
+        self.problems.setWordWrap(True)
+        self.problems.setAlternatingRowColors(True)
         stats_box = QGroupBox("Examples")
-        sf = QFormLayout(stats_box)
+        sv = QVBoxLayout(stats_box)
+        sf = QFormLayout()
         sf.addRow("Examples", self.count_label)
         sf.addRow("Truncated", self.truncated_label)
         sf.addRow("Tokens", self.stats_label)
-        sf.addRow(prog_row)
-        sf.addRow(QLabel("Problems in the file:"))
-        sf.addRow(self.problems)
+        sv.addLayout(sf)
+        sv.addLayout(prog_row)
+        problems_box = QGroupBox("Problems in the file")
+        pv = QVBoxLayout(problems_box)
+        pv.addWidget(self.problems)
 
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(0, 0, 0, 0)
         ll.addWidget(fmt_box)
-        ll.addWidget(stats_box, 1)
+        ll.addWidget(stats_box)
+        ll.addWidget(problems_box, 1)
 
         # -- preview, example, histogram ------------------------------------------------------------
         self.table_model = RowsModel(self)
@@ -342,12 +372,13 @@ class DataPage(Page):
         self.detected.setText("reading…")
         w.finished.connect(lambda r, w=w: self._on_inspected(r, w))
         w.failed.connect(lambda m, w=w: self._on_failed(m, w))
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def _on_failed(self, message: str, w) -> None:
         if w is not self._inspect_worker:
             return
         self._inspect_worker = None
+        self._show_fields("", [], {})
         self.inspected = None
         self.prepared = None
         self.table_model.set_rows([], [])
@@ -364,12 +395,18 @@ class DataPage(Page):
     def _on_inspected(self, r: dict, w) -> None:
         if w is not self._inspect_worker:
             return
+        if "error" in r:
+            self._on_failed(r["error"], w)
+            if r["columns"]:  # readable, but the format or fields need help: offer the mapping
+                fmt = self.state.config.data.format
+                self._show_fields(fmt if fmt != "auto" else "", r["columns"], self.state.config.data.fields)
+            return
         self._inspect_worker = None
         self.inspected = r
         self.table_model.set_rows(r["columns"], r["rows"])
         self.table.resizeColumnsToContents()
         for col in range(len(r["columns"])):
-            self.table.setColumnWidth(col, min(self.table.columnWidth(col), 360))
+            self.table.setColumnWidth(col, min(self.table.columnWidth(col), 280))
         auto = self.state.config.data.format == "auto"
         self.detected.setText(f"{r['format']}" + (" (detected)" if auto else " (chosen)"))
         self.count_label.setText(f"{r['count']:,}")
@@ -392,9 +429,9 @@ class DataPage(Page):
         try:
             from core import data
 
-            roles = tuple(getattr(data, "ROLES", ROLES).get(fmt, ()))
-        except Exception:  # noqa: BLE001
-            roles = ROLES.get(fmt, ())
+            roles = tuple(data.FIELDS.get(fmt, {}))
+        except ImportError:
+            roles = ()
         roles = tuple(dict.fromkeys(list(roles) + list(fields)))
         for role in roles:
             c = QComboBox()
@@ -416,7 +453,7 @@ class DataPage(Page):
             return
         cfg = self.state.config.copy()
         cfg.data.path = self.current_path()
-        w = workers.FunctionWorker(_prepare, cfg.data, tok, cfg.train.seed)
+        w = workers.FunctionWorker(_prepare, cfg.data, tok, cfg.train.seed, self.inspected.get("source"))
         self._prepare_worker = w
         self.progress.setRange(0, 0)
         self.progress.show()
@@ -425,7 +462,7 @@ class DataPage(Page):
         w.finished.connect(self._on_prepared)
         w.failed.connect(self._on_prepare_failed)
         w.done.connect(self._prepare_done)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def cancel(self) -> None:
         for w in (self._prepare_worker, self._inspect_worker):
@@ -449,14 +486,17 @@ class DataPage(Page):
                                      f"{self.state.config.data.max_length} tokens")
         self.truncated_label.setStyleSheet("color: #D55E00;" if r["truncated"] else "")
         if st.get("count"):
-            self.stats_label.setText(
-                f"mean {st.get('mean', 0):.0f}, median {st.get('p50', 0):.0f}, p90 {st.get('p90', 0):.0f}, "
-                f"max {st.get('max', 0):,}")
+            text = (f"mean {st.get('mean', 0):.0f}, median {st.get('p50', 0):.0f}, p90 {st.get('p90', 0):.0f}, "
+                    f"max {st.get('max', 0):,} per example")
+            if r.get("tokens"):
+                text += f"; {r['tokens']:,} in all, {r.get('trained_tokens') or 0:,} trained"
+            self.stats_label.setText(text)
         h = st.get("histogram") or {}
         self.histogram.set_histogram(h.get("edges", []), h.get("counts", []), self.state.config.data.max_length)
         self.problems.clear()
         for p in r["problems"]:
             self.problems.addItem(p)
+            self.problems.item(self.problems.count() - 1).setToolTip(p)
         if not r["problems"]:
             self.problems.addItem("none found")
 

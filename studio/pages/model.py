@@ -212,7 +212,7 @@ class ModelPage(Page):
         w = workers.FunctionWorker(_list_models)
         w.finished.connect(self.set_models)
         w.failed.connect(self.state.show_error)
-        self._list_worker = workers.start(w)
+        self._list_worker = workers.start(w, owner=self)
 
     def set_models(self, models: list[dict]) -> None:
         self.models = list(models)
@@ -267,7 +267,7 @@ class ModelPage(Page):
         w = workers.FunctionWorker(_add_model, path)
         w.finished.connect(lambda models, p=path: (self.set_models(models), self._choose_added(p)))
         w.failed.connect(self.state.show_error)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def _choose_added(self, path: str) -> None:
         from pathlib import Path
@@ -386,7 +386,7 @@ class ModelPage(Page):
         w.finished.connect(self._show_memory)
         w.failed.connect(self._memory_failed)
         w.done.connect(self._estimate_done)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def _estimate_done(self) -> None:
         self._estimate_worker = None
@@ -426,7 +426,7 @@ class ModelPage(Page):
         w.failed.connect(self._on_load_failed)
         w.cancelled.connect(lambda: self.progress_label.setText("Loading cancelled"))
         w.done.connect(self._load_done)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def cancel_load(self) -> None:
         if self._load_worker is not None:

@@ -337,7 +337,7 @@ class TrainPage(Page):
         self.status.setText("Starting…")
         self._set_running(True)
         self.state.set_training(True)
-        workers.start(w)
+        workers.start(w, owner=self)
         return True
 
     def stop(self) -> None:
@@ -400,7 +400,7 @@ class TrainPage(Page):
         w = workers.FunctionWorker(_adopt, run_dir)
         w.finished.connect(self._on_adopted)
         w.failed.connect(self._on_adopt_failed)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def _on_adopted(self, entry) -> None:
         self.last_adopted = entry
@@ -435,7 +435,7 @@ class TrainPage(Page):
         w = workers.FunctionWorker(_list_runs)
         w.finished.connect(self._show_runs)
         w.failed.connect(lambda m: self.runs.setToolTip(m))
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def _show_runs(self, runs: list[dict]) -> None:
         self.runs.clear()
@@ -451,7 +451,7 @@ class TrainPage(Page):
         w = workers.FunctionWorker(_load_run, path)
         w.finished.connect(lambda r, p=path: self._resume_loaded(p, *r))
         w.failed.connect(self.state.show_error)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def _resume_loaded(self, path: str, cfg, metrics) -> None:
         rows = metrics if isinstance(metrics, list) else list(metrics or [])
