@@ -47,10 +47,14 @@ ENTRY_ROLE = Qt.ItemDataRole.UserRole + 2
 
 COLUMNS = [("name", "Name"), ("base_model", "Base model"), ("rank", "Rank"), ("alpha", "Alpha"),
            ("targets", "Targets"), ("params", "Params"), ("size", "Size"), ("created", "Created"),
-           ("loss", "Final loss"), ("on_model", "On model")]
+           ("loss", "Loss"), ("on_model", "On model")]
 COLUMN = {key: i for i, (key, _) in enumerate(COLUMNS)}
 NUMERIC = {"rank", "alpha", "params", "size", "loss"}
 ALL_BASES = "All base models"
+HEADER_TIPS = {"loss": "The best validation loss, else the final training loss",
+               "params": "Trainable parameters: Σ r·(d_in + d_out) over the adapted matrices",
+               "on_model": "How the adapter is on the loaded model: active, merged into the weights, or "
+                           "loaded but inactive"}
 
 
 @dataclass
@@ -137,6 +141,8 @@ class LibraryTableModel(QAbstractTableModel):
     def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
             return COLUMNS[section][1]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return HEADER_TIPS.get(COLUMNS[section][0])
         return None
 
     def raw(self, entry, key: str) -> Any:
@@ -763,12 +769,15 @@ class LibraryPage(Page):
                 bits.append(f"{t['steps']} steps")
             if isinstance(t.get("final_loss"), (int, float)):
                 bits.append(f"final loss {t['final_loss']:.4f}")
-            if isinstance(t.get("best_val_loss"), (int, float)):
-                bits.append(f"best validation loss {t['best_val_loss']:.4f}")
-            if isinstance(t.get("duration_s"), (int, float)):
+            best = next((t[k] for k in ("best_eval_loss", "best_val_loss") if isinstance(t.get(k), (int, float))), None)
+            if best is not None:
+                bits.append(f"best validation loss {best:.4f}")
+            seconds = next((t[k] for k in ("duration_seconds", "duration_s") if isinstance(t.get(k), (int, float))),
+                           None)
+            if seconds is not None:
                 from studio.widgets import format_duration
 
-                bits.append(f"{format_duration(t['duration_s'])} of training")
+                bits.append(f"{format_duration(seconds)} of training")
             if bits:
                 rows.append(("Training", ", ".join(bits)))
         ds = entry.dataset or {}
