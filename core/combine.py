@@ -14,6 +14,20 @@ Two ways to hold it as one adapter:
   makes, ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F = sqrt(Σ_{j>k} σ_j²) / sqrt(Σ_j σ_j²), is reported per module and
   over all modules. PEFT's ``svd`` computes the same truncation densely.
 
+Three task-merging methods are offered too, each as PEFT's ``add_weighted_adapter`` defines it in
+its ``*_svd`` form (the merge is done on the dense ΔW_i = s_i·B_i·A_i of each module, then compressed
+to rank k by SVD exactly as in ``svd`` mode, the error reported against the merged ΔW):
+
+* ``ties`` (Yadav et al., 2023, arXiv:2306.01708): keep each ΔW_i's ``density`` share of largest-magnitude
+  entries, elect each entry's sign (sign of the sum of the trimmed, unweighted ΔW_i; ``majority_sign``
+  "frequency" counts signs instead), then average the weighted entries that agree with it;
+* ``dare_linear`` (Yu et al., 2023, arXiv:2311.03099): drop each entry of each ΔW_i with probability
+  1 − ``density`` and rescale the survivors by 1 / ``density``, then the weighted sum;
+* ``dare_ties``: DARE's random drop followed by TIES' sign election and disjoint mean.
+
+DARE draws its masks from a generator seeded with ``seed`` (or the ``generator`` given), module by
+module in target order and adapter by adapter, each mask over the Linear-layout ΔW.
+
 Weights may be negative (task negation: subtract what an adapter learned). The result is an
 :class:`core.adapter.AdapterFiles` that :func:`core.adapter.write_adapter` saves and
 :func:`core.adapter.load_adapter` puts on a model; its scaling is alpha / r with alpha equal to the
@@ -30,12 +44,16 @@ import torch
 from core.adapter import AdapterFiles
 from core.errors import StudioError
 
-MODES = ("exact", "svd")
+MODES = ("exact", "svd", "ties", "dare_linear", "dare_ties")
+TASK_MERGES = ("ties", "dare_linear", "dare_ties")
+DEFAULT_DENSITY = {"ties": 0.2, "dare_linear": 0.1, "dare_ties": 0.1}
+"""TIES keeps the top 20 % of entries (the paper's k = 20); DARE drops 90 % (its usual drop rate p = 0.9)."""
 
 
-def _check(adapters: Sequence[AdapterFiles], weights: Sequence[float], mode: str, rank: int | None) -> list[float]:
+def _check(adapters: Sequence[AdapterFiles], weights: Sequence[float], mode: str, rank: int | None,
+           density: float | None, majority_sign: str) -> list[float]:
     if mode not in MODES:
-        raise StudioError(f"--combine {mode}: unknown; use {' or '.join(MODES)}")
+        raise StudioError(f"--combine {mode}: unknown; use one of {', '.join(MODES)}")
     if not adapters:
         raise StudioError("no adapters to combine")
     weights = [float(w) for w in weights]
@@ -48,6 +66,12 @@ def _check(adapters: Sequence[AdapterFiles], weights: Sequence[float], mode: str
         raise StudioError(f"--rank: must be a positive integer (got {rank!r})")
     if mode == "exact" and rank is not None:
         raise StudioError("--rank only applies to --combine svd; exact combination has rank Σ r_i")
+    if density is not None and mode not in TASK_MERGES:
+        raise StudioError(f"--density only applies to {', '.join(TASK_MERGES)}")
+    if density is not None and not 0 < density <= 1:
+        raise StudioError(f"--density: must be in (0, 1] (got {density})")
+    if majority_sign not in ("total", "frequency"):
+        raise StudioError(f"majority sign method '{majority_sign}': use total or frequency")
     shapes: dict[str, tuple[tuple[int, int], AdapterFiles]] = {}
     for ad in adapters:
         for m, (a, b) in ad.tensors.items():
@@ -85,20 +109,62 @@ def low_rank_svd(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.
     return qp @ uc, s, qq @ vch.t()
 
 
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density·n) largest-magnitude entries of ``delta``, zero the rest (TIES' trim)."""
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask[torch.topk(delta.abs().reshape(-1), k=k, largest=True).indices] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale by 1 / density (unbiased)."""
+    if density >= 1:
+        return delta
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return delta * mask / density
+
+
+def task_merge(mode: str, deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float,
+               majority_sign: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Merge same-shaped ΔW's by ``ties``, ``dare_linear`` or ``dare_ties`` (PEFT's merge_utils)."""
+    if mode == "ties":
+        pruned = torch.stack([_trim(d, density) for d in deltas])
+    else:
+        generator = generator or torch.Generator().manual_seed(0)
+        pruned = torch.stack([_drop(d, density, generator) for d in deltas])
+    w = torch.tensor(list(weights), dtype=pruned.dtype).view(-1, *([1] * (pruned.dim() - 1)))
+    if mode == "dare_linear":
+        return (pruned * w).sum(0)
+    # elect the sign from the unweighted pruned ΔW's, then the mean of the weighted ones that agree
+    votes = pruned.sum(0) if majority_sign == "total" else pruned.sign().sum(0)
+    agree = pruned.sign() == torch.where(votes >= 0, 1.0, -1.0).to(pruned.dtype)
+    return (pruned * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
 def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode: str = "exact",
-            rank: int | None = None) -> tuple[AdapterFiles, dict]:
+            rank: int | None = None, density: float | None = None, majority_sign: str = "total",
+            seed: int = 0, generator: torch.Generator | None = None) -> tuple[AdapterFiles, dict]:
     """Combine ``adapters`` with ``weights`` into one adapter; returns it and a report.
 
     ``mode="exact"``: rank Σ r_i per module, no error. ``mode="svd"``: rank ``rank`` (default: the
     largest input rank), capped per module by min(d_out, d_in); where ΔW has fewer directions than
     that, the extra ones are zero (so every module has the same rank and the file needs no
-    ``rank_pattern``). Modules are the union of the inputs' targets.
+    ``rank_pattern``). Modules are the union of the inputs' targets. ``mode="ties"``,
+    ``"dare_linear"``, ``"dare_ties"``: the task merge of the dense ΔW's (``density``, by default
+    :data:`DEFAULT_DENSITY`; ``majority_sign``; DARE's masks from ``generator`` or ``seed``), then
+    compressed like ``svd``.
 
     The report: ``{"mode", "rank", "weights", "adapters", "modules": {module: {"rank", "rel_error",
     "norm"}}, "rel_error" (over all modules), "max_rel_error", "warnings"}``; ``norm`` is ‖ΔW‖_F of
     the combination. All numbers are plain floats (JSON-able).
     """
-    weights = _check(adapters, weights, mode, rank)
+    weights = _check(adapters, weights, mode, rank, density, majority_sign)
+    if mode in TASK_MERGES:
+        density = DEFAULT_DENSITY[mode] if density is None else float(density)
+        generator = generator or torch.Generator().manual_seed(seed)
     modules: list[str] = []
     for ad in adapters:
         modules += [m for m in ad.targets if m not in modules]
@@ -125,7 +191,14 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
         else:
             r_m = min(out_rank, d_out, d_in)
             s_out = alpha / r_m
-            u, s, v = low_rank_svd(p, q)
+            if mode in TASK_MERGES:  # dense: trimming and sign election act entry by entry
+                present = [(ad, w) for ad, w in zip(adapters, weights) if m in ad.tensors]
+                merged = task_merge(mode, [ad.delta(m) for ad, _ in present], [w for _, w in present],
+                                    density, majority_sign, generator)
+                u, s, vh = torch.linalg.svd(merged.to(work), full_matrices=False)
+                v = vh.t()
+            else:
+                u, s, v = low_rank_svd(p, q)
             k = min(r_m, s.numel())
             root = s[:k].sqrt()
             b = torch.zeros(d_out, r_m, dtype=work)
@@ -151,6 +224,8 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
                 "rank": ad.rank, "base_model": ad.base_model} for ad, w in zip(adapters, weights)]
     first = adapters[0]
     studio = {"combined": {"mode": mode, "rank": out_rank, "sources": sources}}
+    if mode in TASK_MERGES:
+        studio["combined"].update(density=density, majority_sign=majority_sign)
     if len(prints) <= 1 and first.studio.get("fingerprint"):
         studio["fingerprint"] = first.studio["fingerprint"]
     if first.base_model:
@@ -162,6 +237,7 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
     errors = [v["rel_error"] for v in report_modules.values()]
     report = {
         "mode": mode, "rank": out_rank, "weights": weights, "adapters": sources,
+        "density": density if mode in TASK_MERGES else None,
         "modules": report_modules,
         "rel_error": math.sqrt(tail_total / norm_total) if norm_total > 0 else 0.0,
         "max_rel_error": max(errors) if errors else 0.0,

@@ -139,6 +139,67 @@ def test_combination_refuses_what_does_not_add_up(llama):
     with pytest.raises(StudioError, match="--rank only applies"):
         combine.combine([one], [1.0], mode="exact", rank=2)
     with pytest.raises(StudioError, match="unknown"):
-        combine.combine([one], [1.0], mode="ties")
+        combine.combine([one], [1.0], mode="magic")
     with pytest.raises(StudioError, match="not a finite"):
         combine.combine([one], [float("nan")])
+
+
+@pytest.mark.parametrize("mode", ["ties", "dare_linear", "dare_ties"])
+def test_task_merges_equal_peft_add_weighted_adapter(llama, tmp_path, monkeypatch, mode):
+    """TIES and DARE as PEFT's ``<mode>_svd`` computes them: same ΔW per module, same logits."""
+    peft = pytest.importorskip("peft")
+    from peft.utils import merge_utils
+
+    one = _trained(llama, "attention", 4, 8, seed=1)
+    two = _trained(llama, "attention", 4, 4, seed=2)
+    for ad, name in ((one, "one"), (two, "two")):
+        adapter.write_adapter(ad, tmp_path / name, base_model="tiny", model=llama)
+    states = []  # the global RNG state at PEFT's first DARE mask: our generator starts from it
+    real = merge_utils.random_pruning
+
+    def spy(tensor, density, rescale):
+        if not states:
+            states.append(torch.random.get_rng_state())
+        return real(tensor, density, rescale)
+
+    monkeypatch.setattr(merge_utils, "random_pruning", spy)
+    weights, density = [1.0, 0.6], 0.4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(llama), str(tmp_path / "one"), adapter_name="one")
+        theirs.load_adapter(str(tmp_path / "two"), adapter_name="two")
+        theirs.add_weighted_adapter(["one", "two"], weights, "mix", combination_type=f"{mode}_svd",
+                                    svd_rank=6, density=density)
+        theirs.set_adapter("mix")
+    generator = None
+    if mode != "ties":
+        generator = torch.Generator()
+        generator.set_state(states[0])
+    out, report = combine.combine([one, two], weights, mode=mode, rank=6, density=density, generator=generator)
+    assert report["density"] == density and out.rank == 6
+    layers = dict(theirs.base_model.model.named_modules())
+    for m in out.targets:
+        torch.testing.assert_close(out.delta(m), layers[m].get_delta_weight("mix"), atol=1e-5, rtol=1e-4)
+    model = copy.deepcopy(llama)
+    adapter.load_adapter(model, out)
+    x = token_batch()
+    torch.testing.assert_close(model(x).logits, theirs(x).logits, atol=ATOL, rtol=ATOL)
+
+
+def test_ties_trims_elects_and_averages():
+    a = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
+    b = torch.tensor([[1.0, 2.0, -4.0, -0.1]])
+    merged = combine.task_merge("ties", [a, b], [1.0, 1.0], density=0.5)
+    # trimmed: a → [3, 0, 0, 2], b → [0, 2, -4, 0]; every entry has one voter, so it is kept as is
+    assert torch.equal(merged, torch.tensor([[3.0, 2.0, -4.0, 2.0]]))
+    # a tie in the vote goes to +: each entry keeps the positive one of a and -a
+    merged = combine.task_merge("ties", [a, -a], [1.0, 1.0], density=1.0)
+    assert torch.equal(merged, torch.tensor([[3.0, 1.0, 0.5, 2.0]]))
+    # agreeing entries are averaged, weights applied after the vote
+    merged = combine.task_merge("ties", [torch.tensor([2.0, 2.0]), torch.tensor([4.0, -1.0])], [1.0, 0.5], density=1.0)
+    assert torch.equal(merged, torch.tensor([(2.0 + 2.0) / 2, 2.0]))
+    # DARE keeps the expectation: the mean over many masks approaches the weighted sum
+    g = torch.Generator().manual_seed(0)
+    big = torch.ones(200, 200)
+    merged = combine.task_merge("dare_linear", [big], [2.0], density=0.25, generator=g)
+    assert set(merged.unique().tolist()) <= {0.0, 8.0} and merged.mean().item() == pytest.approx(2.0, rel=0.05)
