@@ -869,7 +869,7 @@ class LibraryPage(Page):
         w.finished.connect(done)
         w.failed.connect(failed)
         w.done.connect(finish)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     # -- the loaded model -------------------------------------------------------------------------
     def _loaded_changed(self, loaded) -> None:
@@ -932,7 +932,7 @@ class LibraryPage(Page):
         w.finished.connect(done)
         w.failed.connect(self.state.show_error)
         w.done.connect(finish)
-        workers.start(w)
+        workers.start(w, owner=self)
 
     def load_model(self) -> None:
         from studio.pages.playground import load_session_model
@@ -1022,7 +1022,7 @@ class LibraryPage(Page):
         w.failed.connect(self.state.show_error)
         w.cancelled.connect(cancelled)
         w.done.connect(done)
-        workers.start(w)
+        workers.start(w, owner=self)
         self._update_actions()
         return w
 

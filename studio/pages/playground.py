@@ -291,7 +291,7 @@ class PlaygroundPage(Page):
         w.finished.connect(self._loaded)
         w.failed.connect(self.state.show_error)
         w.done.connect(self._load_done)
-        workers.start(w)
+        workers.start(w, owner=self)
         self.refresh()
 
     def _load_progress(self, p) -> None:
@@ -338,7 +338,7 @@ class PlaygroundPage(Page):
         w.failed.connect(self._on_failed)
         w.cancelled.connect(self._on_cancelled)
         w.done.connect(self._on_done)
-        workers.start(w)
+        workers.start(w, owner=self)
         self.state.say("generating…")
         self.refresh()
 
