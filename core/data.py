@@ -557,9 +557,12 @@ def resolve_fields(fmt: str, columns: Sequence[str], fields: Mapping[str, str] |
             fmt = owners[0]
     if fmt == "auto":
         try:
-            return detect_format(cols, first_row)
+            detected = detect_format(cols, first_row)
         except StudioError as e:
             raise StudioError(prefix + e.message, hint=e.hint) from None
+        if not fields:
+            return detected
+        fmt = detected[0]  # then check the user's mapping against that format below
     for role, col in fields.items():
         if role not in FIELDS[fmt]:
             raise StudioError(f"--fields: '{role}' is not a field of the {fmt} format "
@@ -720,12 +723,19 @@ def _render(tokenizer, messages, generation: bool) -> str:
 
 def format_prompt(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
     """The text to generate an answer from: the conversation so far, ending where the assistant's
-    answer starts, rendered exactly as in training (chat template or :data:`PLAIN_TEMPLATE`)."""
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    answer starts, rendered exactly as in training (chat template or :data:`PLAIN_TEMPLATE`, BOS
+    included where training has one). Tokenise it with ``add_special_tokens=False``, or use
+    :func:`prompt_ids`."""
+    msgs = [{"role": ROLES.get(str(m["role"]).lower(), m["role"]), "content": m["content"]} for m in messages]
     if _has_template(tokenizer):
         return _render(tokenizer, msgs, True)
-    text, _ = _plain(tokenizer, msgs + [{"role": "assistant", "content": ""}], "")
-    return text[: len(text) - len(tokenizer.eos_token or "")]
+    text, _ = _plain(tokenizer, msgs + [{"role": "assistant", "content": ""}], _bos_text(tokenizer))
+    return text[: len(text) - len(_eos_text(tokenizer))]
+
+
+def prompt_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """:func:`format_prompt` as token ids: the same ids a training example has before its answer."""
+    return list(tokenizer(format_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def _plain(tokenizer, messages, bos: str) -> tuple[str, list[tuple[int, int]]]:

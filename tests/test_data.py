@@ -258,7 +258,7 @@ def test_prompt_masked_answer_and_end_of_turn_trained(tok):
     full = tok.apply_chat_template(messages, tokenize=False)
     assert enc.input_ids == tok(full, add_special_tokens=False)["input_ids"]
     # and the prompt alone (what generation starts from) is a prefix ending where training starts
-    prompt = tok(data.format_prompt(tok, messages[:1]), add_special_tokens=False)["input_ids"]
+    prompt = data.prompt_ids(tok, messages[:1])
     assert enc.input_ids[: len(prompt)] == prompt and len(prompt) == trained[0]
 
 
