@@ -374,13 +374,15 @@ def _check_config(folder: Path, cfg: dict) -> None:
     for key, why in variants.items():
         if cfg.get(key):
             raise _refuse(folder, f"{key} is set: {why}; LoRA Studio loads plain LoRA and rsLoRA only", convert)
-    unknown = [k for k, v in cfg.items() if k not in _HARMLESS and k not in variants and v not in (None, False, {}, [], "")]
+    unknown = [k for k, v in cfg.items()
+               if k not in _HARMLESS and k not in variants and v not in (None, False, {}, [], "")]
     if unknown:
         raise _refuse(folder, f"adapter_config.json sets {', '.join(unknown)}, which this version does not know",
                       "it may need a newer LoRA Studio; a plain LoRA adapter sets none of these")
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise _refuse(folder, f"adapter_config.json: r must be a positive integer (got {r!r})", "fix or rewrite the file")
+        raise _refuse(folder, f"adapter_config.json: r must be a positive integer (got {r!r})",
+                      "fix or rewrite the file")
     alpha = cfg.get("lora_alpha", 8)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise _refuse(folder, f"adapter_config.json: lora_alpha must be a number (got {alpha!r})",
@@ -508,7 +510,8 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
         try:
             studio = json.loads(sp.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _refuse(folder, f"{STUDIO_FILE} is not valid JSON ({e})", "copy or export the adapter again") from None
+            raise _refuse(folder, f"{STUDIO_FILE} is not valid JSON ({e})",
+                          "copy or export the adapter again") from None
         if not isinstance(studio, dict):
             raise _refuse(folder, f"{STUDIO_FILE} does not hold a JSON object", "copy or export the adapter again")
         if studio.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:

@@ -204,3 +204,12 @@ def test_inspect_errors_are_one_line_with_exit_1(capsys, saved, tmp_path):
     assert code == 1 and "DoRA" in err
     code, _, err = _inspect(capsys, saved, "--energy", "2")
     assert code == 1 and "--energy" in err
+
+
+def test_inspect_compare_prints_subspace_similarity(capsys, saved):
+    code, out, err = _inspect(capsys, saved, "--compare", saved, "--json")
+    assert code == 0, err
+    sim = json.loads(out)["similarity"]
+    assert sim["top"]["mean"] == pytest.approx(1.0, abs=1e-5) and sim["full"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    code, out, _ = _inspect(capsys, saved, "--compare", saved)
+    assert code == 0 and "subspace similarity with" in out and "φ(1,1)" in out

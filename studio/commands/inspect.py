@@ -18,7 +18,8 @@ def register(sub) -> None:
                     "studio.json, and the analysis of section 7 of the LoRA paper for every adapted "
                     "matrix ΔW = s·B·A: its singular values, its effective rank (how many singular values "
                     "hold the --energy share of ‖ΔW‖²) and, with --model, the amplification factor "
-                    "‖ΔW‖ / ‖Uᵀ·W0·V‖ (how strongly ΔW amplifies directions the base weight W0 had weakly).")
+                    "‖ΔW‖ / ‖Uᵀ·W0·V‖ (how strongly ΔW amplifies directions the base weight W0 had "
+                    "weakly).")
     p.add_argument("adapter", metavar="ADAPTER",
                    help="an adapter folder (with adapter_config.json and adapter_model.safetensors), or the "
                         "name or id of an adapter in the library")
@@ -26,6 +27,11 @@ def register(sub) -> None:
                    help="the base model, to check that the adapter fits it and to compute the amplification "
                         "factor: 'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
                         "folder, a .gguf file, or a repo id in the local Hugging Face cache")
+    p.add_argument("--compare", metavar="OTHER",
+                   help="a second adapter (folder or library name): print the normalised subspace similarity "
+                        "φ(i, j) = ‖U_iᵀ·U_j‖² / min(i, j) of the two adapters' top input directions (right "
+                        "singular vectors of A, section 7.2 of the LoRA paper) for every module both adapt, "
+                        "at i = j = 1 and at their full ranks; 1 means one subspace holds the other, 0 orthogonal")
     p.add_argument("--energy", type=float, default=0.9, metavar="F",
                    help="share of ‖ΔW‖² (sum of squared singular values) the effective rank must hold "
                         "(default: 0.9)")
@@ -75,7 +81,7 @@ def _num(v) -> str:
     return str(v)
 
 
-def describe(folder: Path, model=None, energy: float = 0.9) -> dict:
+def describe(folder: Path, model=None, energy: float = 0.9, compare: Path | None = None) -> dict:
     """Everything ``inspect`` shows, as plain data."""
     from core import adapter as adapter_io
     from core import analysis, targets
@@ -94,6 +100,12 @@ def describe(folder: Path, model=None, energy: float = 0.9) -> dict:
         total = targets.count_parameters(model)
         share = ad.trainable_parameters / total if total else None
     result = analysis.analyse(ad, model, energy=energy)
+    similarity = None
+    if compare is not None:
+        other = adapter_io.read_adapter(compare)
+        similarity = {"other": str(other.folder),
+                      "top": analysis.subspace_similarity(ad, other, 1, 1),
+                      "full": analysis.subspace_similarity(ad, other)}
     return {
         "folder": str(ad.folder),
         "name": ad.name,
@@ -111,6 +123,7 @@ def describe(folder: Path, model=None, energy: float = 0.9) -> dict:
         "share": share,
         "studio": ad.studio,
         "analysis": result,
+        "similarity": similarity,
         "warnings": warnings,
     }
 
@@ -128,7 +141,8 @@ def _print(info: dict) -> None:
     line += f"   dropout {info['dropout']:g}"
     print(line)
     if info["ranks"] or info["alphas"]:
-        print(f"            {len(info['ranks'])} module(s) with their own rank, {len(info['alphas'])} with their own alpha")
+        print(f"            {len(info['ranks'])} module(s) with their own rank, "
+              f"{len(info['alphas'])} with their own alpha")
     print(f"targets     {len(info['targets'])} modules: {_short_targets(info['targets'])}")
     trainable = f"{info['trainable_parameters']:,}"
     if info["share"] is not None:
@@ -153,12 +167,14 @@ def _print(info: dict) -> None:
             pass
     combined = st.get("combined")
     if isinstance(combined, dict):
-        print(f"combined    {combined.get('mode')} of {len(combined.get('sources') or combined.get('from') or [])} adapters")
+        sources = combined.get("sources") or combined.get("from") or []
+        print(f"combined    {combined.get('mode')} of {len(sources)} adapters")
 
     result = info["analysis"]
     rows = result["modules"]
     print()
-    print(f"ΔW = s·B·A per matrix (effective rank: singular values holding {100 * result['energy']:g}% of ‖ΔW‖²)")
+    print(f"ΔW = s·B·A per matrix (effective rank: singular values holding "
+          f"{100 * result['energy']:g}% of ‖ΔW‖²)")
     width = max([len(r["module"]) for r in rows] + [6])
     amp = any(r["amplification"] is not None for r in rows)
     head = f"{'module':<{width}}  {'out × in':>11}  {'r':>3}  {'eff.r':>5}  {'σ1':>9}  {'‖ΔW‖':>9}"
@@ -176,6 +192,14 @@ def _print(info: dict) -> None:
     if s["mean_amplification"] is not None:
         line += f"; mean amplification {s['mean_amplification']:.3g}"
     print(line)
+    sim = info.get("similarity")
+    if sim:
+        print()
+        print(f"subspace similarity with {sim['other']} (φ of A's top input directions; 1 = same, 0 = orthogonal)")
+        print(f"{'module':<{width}}  {'φ(1,1)':>7}  {'φ(r,r)':>7}")
+        for m, full in sim["full"]["modules"].items():
+            print(f"{m:<{width}}  {sim['top']['modules'][m]:>7.3f}  {full:>7.3f}")
+        print(f"mean φ(1,1) {sim['top']['mean']:.3f}; mean φ at full rank {sim['full']['mean']:.3f}")
     if not amp:
         print("(give --model to check the adapter against its base model and see the amplification factor)")
 
@@ -188,7 +212,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     adapter_io.read_adapter(folder)  # a broken adapter is reported before a model is loaded for it
     model = _load_model(args.model) if args.model else None
-    info = describe(folder, model, energy=args.energy)
+    compare = _folder(args.compare) if args.compare else None
+    info = describe(folder, model, energy=args.energy, compare=compare)
     for w in info["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if args.json:
