@@ -227,11 +227,14 @@ def add_user_model(path: str | os.PathLike) -> dict:
         load_config(ref.spec)
     else:
         _check_gguf(ref)
-    models = [m for m in _read_user_models() if Path(m["path"]) != ref.path]
-    models.append({"path": str(ref.path), "kind": ref.kind,
-                   "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-    _write_user_models(models)
-    return _entry_for_user(models[-1])
+    models = _read_user_models()
+    entry = next((m for m in models if Path(m["path"]) == ref.path), None)
+    if entry is None:  # adding it again keeps its place and its date
+        entry = {"path": str(ref.path), "kind": ref.kind,
+                 "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        models.append(entry)
+        _write_user_models(models)
+    return _entry_for_user(entry)
 
 
 def remove_user_model(path: str | os.PathLike) -> bool:
