@@ -627,6 +627,8 @@ class Trainer:
             self._emit(StepEvent(step=step_no, total_steps=self.total_steps, epoch=epoch, loss=loss_val, lr=lr,
                                  grad_norm=norm_val, tokens=step_tokens, tokens_per_second=tps, elapsed=elapsed,
                                  eta=eta, memory_bytes=mem))
+            if single:  # a request made by the callback of this very step counts now
+                stop_now, pause_now = self._stop.is_set(), self._pause.is_set()
             if eval_now or (last and len(self.val_set) > 0):
                 self._evaluate()
             self._elapsed_now = elapsed
@@ -710,6 +712,11 @@ class Trainer:
         self._status("checkpoint", f"saving checkpoint at step {self.step}")
         folder = self.run_folder.checkpoint_dir(self.step)
         adapter = {k: p.detach().to("cpu").contiguous() for k, p in self.params.items()}
+        bad = next((k for k, t in adapter.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:  # never let a diverged adapter replace a good checkpoint
+            raise StudioError(f"step {self.step}: the adapter's weights ({bad}) are no longer finite, so "
+                              f"training stopped; {self._last_good()}",
+                              hint=f"lower --lr (now {self.cfg.train.lr:g}) or add --warmup steps")
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_scalars: dict[str, dict] = {}
         for i, p in enumerate(self.params.values()):
@@ -784,7 +791,7 @@ class Trainer:
         n_params = len(self.params)
         groups = [dict(g, params=list(range(n_params))) for g in state["param_groups"]]
         self.optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-        self.scheduler.load_state_dict(dict(state["scheduler"]))
+        self.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups)))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(rng["torch"])

@@ -120,6 +120,7 @@ def build_config(args: argparse.Namespace):
         cfg = RunConfig.load(path)
     else:
         cfg = RunConfig()
+    named_after_folder = bool(cfg.out) and cfg.name == Path(cfg.out).name
     for dest, (section, name) in _MAP.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -130,7 +131,7 @@ def build_config(args: argparse.Namespace):
         cfg.train.epochs = None
     elif args.epochs is not None and args.steps is None:
         cfg.train.steps = None
-    if args.config and args.out and args.name is None and cfg.name == Path(cfg.out or "").name:
+    if args.config and args.out and args.name is None and named_after_folder:
         cfg.name = ""  # a repeated run is named after its own folder
     return cfg
 
