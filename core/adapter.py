@@ -80,7 +80,7 @@ class AdapterFiles:
     rslora: bool
     dropout: float
     targets: list[str]
-    """Qualified module names of the base model, in file order."""
+    """Qualified module names of the base model, block by block (layer numbers in numeric order)."""
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """``{module: (A (r × d_in), B (d_out × r))}``."""
     studio: dict = field(default_factory=dict)
@@ -425,6 +425,11 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise _refuse(folder, f"{WEIGHTS_FILE} cannot be read ({e})", "copy or export the adapter again") from None
 
 
+def _natural(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10`` (safetensors stores keys alphabetically)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
 def read_adapter(folder: str | Path) -> AdapterFiles:
     """Read and validate an adapter folder (ours or PEFT's) without touching any model.
 
@@ -519,18 +524,60 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
                                   f"LoRA Studio reads ({FORMAT_VERSION})", "update LoRA Studio")
     dropout = cfg.get("lora_dropout", 0.0) or 0.0
     return AdapterFiles(folder=folder, config=cfg, rank=rank, alpha=alpha, rslora=bool(cfg.get("use_rslora")),
-                        dropout=float(dropout), targets=list(tensors), tensors=tensors, studio=studio,
+                        dropout=float(dropout), targets=sorted(tensors, key=_natural), tensors=tensors, studio=studio,
                         ranks=ranks, alphas=alphas)
 
 
 # -- against a model -------------------------------------------------------------------------------
 
+def _module_names(model: nn.Module) -> set[str]:
+    return {q for q, _ in model.named_modules() if not q.endswith(".base_layer")}
+
+
+def align_to(adapter: AdapterFiles, model: nn.Module) -> AdapterFiles:
+    """``adapter`` with its module names moved onto ``model``'s when they differ by one common prefix.
+
+    An adapter trained on the bare transformer (``layers.0.self_attn.q_proj``, PEFT over ``AutoModel``)
+    fits the causal LM (``model.layers.0.self_attn.q_proj``), and the other way round. Only a prefix
+    that maps *every* target onto an existing module is taken; otherwise ``adapter`` comes back as it
+    was and :func:`check_compatible` names what is missing.
+    """
+    names = _module_names(model)
+    if all(t in names for t in adapter.targets):
+        return adapter
+    first = adapter.targets[0]
+    candidates = set()
+    for q in names:  # the model's names one prefix longer: prefix + target
+        if q.endswith("." + first):
+            candidates.add(("add", q[: -len(first)]))
+    parts = first.split(".")
+    for i in range(1, len(parts)):  # the adapter's names one prefix longer: drop it
+        if ".".join(parts[i:]) in names:
+            candidates.add(("drop", ".".join(parts[:i]) + "."))
+    for how, prefix in sorted(candidates):
+        if how == "add":
+            rename = {t: prefix + t for t in adapter.targets}
+        elif all(t.startswith(prefix) for t in adapter.targets):
+            rename = {t: t[len(prefix):] for t in adapter.targets}
+        else:
+            continue
+        if all(n in names for n in rename.values()) and len(set(rename.values())) == len(rename):
+            return AdapterFiles(folder=adapter.folder, config=adapter.config, rank=adapter.rank,
+                                alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout,
+                                targets=[rename[t] for t in adapter.targets],
+                                tensors={rename[t]: v for t, v in adapter.tensors.items()},
+                                studio=adapter.studio, ranks={rename[t]: v for t, v in adapter.ranks.items()},
+                                alphas={rename[t]: v for t, v in adapter.alphas.items()})
+    return adapter
+
+
 def check_compatible(adapter: AdapterFiles, model: nn.Module) -> list[str]:
     """Every reason ``adapter`` cannot go onto ``model``, in file order ([] if it fits).
 
-    For each module: it exists, it is a Linear or Conv1D (possibly already LoRA-wrapped), and its
-    (d_out, d_in) is (B rows, A columns). Touches nothing.
+    For each module: it exists (after :func:`align_to`), it is a Linear or Conv1D (possibly already
+    LoRA-wrapped), and its (d_out, d_in) is (B rows, A columns). Touches nothing.
     """
+    adapter = align_to(adapter, model)
     modules = dict(model.named_modules())
     problems = []
     for q in adapter.targets:
@@ -575,6 +622,7 @@ def load_adapter(model: nn.Module, folder: str | Path | AdapterFiles, name: str 
                  activate: bool = True) -> AdapterFiles:
     """Put the adapter in ``folder`` (or an :class:`AdapterFiles`) onto ``model`` as adapter ``name``.
 
+    Returns the adapter with module names as in ``model`` (see :func:`align_to`).
     Every tensor's shape is checked against the model before anything is injected; the first problem
     is raised, naming the module, the expected and the found shape. Injection is then all or nothing.
     The new matrices are in fp32 and require grad (so training can resume from them); the base
@@ -583,6 +631,7 @@ def load_adapter(model: nn.Module, folder: str | Path | AdapterFiles, name: str 
     replace it).
     """
     adapter = folder if isinstance(folder, AdapterFiles) else read_adapter(folder)
+    adapter = align_to(adapter, model)
     where = adapter.folder or "the combined adapter"
     if name in lora.adapter_names(model):
         raise StudioError(f"this model already has an adapter named '{name}'",

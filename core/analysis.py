@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from core import lora
-from core.adapter import AdapterFiles, read_adapter
+from core.adapter import AdapterFiles, align_to, read_adapter
 from core.combine import low_rank_svd
 from core.errors import StudioError
 
@@ -128,6 +128,8 @@ def analyse(adapter: AdapterFiles | str | Path, model: nn.Module | None = None, 
     adapter = _adapter(adapter)
     if not 0 < energy <= 1:
         raise StudioError(f"energy must be in (0, 1] (got {energy})")
+    if model is not None:
+        adapter = align_to(adapter, model)
     modules = []
     for m in adapter.targets:
         w0 = _base_weight(model, m) if model is not None else None

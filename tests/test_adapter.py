@@ -303,3 +303,50 @@ def test_rewriting_a_read_adapter_keeps_its_facts(llama, tmp_path):
     assert again.base_model == "default" and again.config["target_modules"] == sorted(files.targets)
     for m in files.targets:
         assert all(torch.equal(x, y) for x, y in zip(files.tensors[m], again.tensors[m]))
+
+
+def test_names_one_prefix_apart_are_aligned(llama, tmp_path):
+    """An adapter of the bare transformer (PEFT over AutoModel) fits the causal LM, and back."""
+    x = token_batch()
+    ours = _ours(llama, "attention")
+    adapter.save_adapter(ours, tmp_path / "lm", base_model="tiny")
+    bare = copy.deepcopy(llama).model  # LlamaModel: names without the "model." prefix
+    files = adapter.load_adapter(bare, tmp_path / "lm")
+    assert "layers.0.self_attn.q_proj" in files.targets and not any(t.startswith("model.") for t in files.targets)
+    torch.testing.assert_close(bare(x).last_hidden_state, ours.model(x).last_hidden_state, atol=ATOL, rtol=ATOL)
+    adapter.save_adapter(bare, tmp_path / "bare", base_model="tiny")
+    lm = copy.deepcopy(llama)
+    adapter.load_adapter(lm, tmp_path / "bare")
+    torch.testing.assert_close(lm(x).logits, ours(x).logits, atol=ATOL, rtol=ATOL)
+
+
+def test_a_failure_half_way_leaves_the_model_as_it_was(llama, tmp_path, monkeypatch):
+    adapter.save_adapter(_ours(llama, "attention"), tmp_path / "ad", base_model="tiny")
+    model = copy.deepcopy(llama)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real = lora.LoRALinear.set_adapter_weights
+
+    def fail_on_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk went away")
+        return real(self, *args)
+
+    monkeypatch.setattr(lora.LoRALinear, "set_adapter_weights", fail_on_third)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        adapter.load_adapter(model, tmp_path / "ad")
+    _untouched(model, before)
+
+
+def test_half_precision_files_load(llama, tmp_path):
+    theirs = _peft_model(llama, "llama", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    theirs.save_pretrained(tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    model = copy.deepcopy(llama)
+    files = adapter.load_adapter(model, tmp_path / "ad")
+    assert files.tensors[files.targets[0]][0].dtype == torch.bfloat16
+    layer = dict(lora.lora_layers(model))[files.targets[0]]
+    assert layer.lora_A["default"].dtype == torch.float32  # trained and applied in fp32
+    torch.testing.assert_close(layer.lora_A["default"], files.tensors[files.targets[0]][0].float())
