@@ -354,8 +354,9 @@ def _check_config(folder: Path, cfg: dict) -> None:
                       "only adapters with bias 'none' can be loaded")
     init = cfg.get("init_lora_weights", True)
     if not (isinstance(init, (bool, str)) and init in _PLAIN_INITS):
-        raise _refuse(folder, f"it was initialised with {init!r}, which rewrites the base model's weights "
-                              "(its A and B only work on that modified base)", convert)
+        raise _refuse(folder, f"it was initialised with {init!r}; its A and B only work on a modified base "
+                              "model or with a LoRA variant (PiSSA, OLoRA, CorDA and LoftQ rewrite the base "
+                              "weights)", convert)
     variants = {
         "alora_invocation_tokens": "an activated LoRA (aLoRA) only acts after its invocation tokens",
         "use_qalora": "QA-LoRA pools its input in groups",
@@ -363,11 +364,11 @@ def _check_config(folder: Path, cfg: dict) -> None:
         "target_parameters": "it adapts raw parameters (e.g. mixture-of-experts weights), not layers",
         "trainable_token_indices": "it also trains token embeddings",
         "megatron_config": "it is laid out for Megatron's parallel layers",
-        "use_bdlora": "block-diagonal LoRA shares blocks across devices",
+        "use_bdlora": "block-diagonal LoRA is a variant this version does not implement",
         "arrow_config": "Arrow routes between several adapters",
-        "kasa_config": "KaSA also rescales the base weight's singular values",
-        "monteclora_config": "MonteCLoRA samples its matrices",
-        "velora_config": "VeLoRA compresses activations in a way that changes the layer",
+        "kasa_config": "KaSA is a variant this version does not implement",
+        "monteclora_config": "MonteCLoRA is a variant this version does not implement",
+        "velora_config": "VeLoRA is a variant this version does not implement",
         "lora_ga_config": "LoRA-GA rewrites the base weights",
         "corda_config": "CorDA rewrites the base weights",
     }

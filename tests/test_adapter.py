@@ -211,7 +211,7 @@ def test_pickled_weights_are_never_opened(llama, tmp_path):
 @pytest.mark.parametrize("edit,match", [
     ({"bias": "all"}, "biases"),
     ({"peft_type": "IA3"}, "not LoRA"),
-    ({"init_lora_weights": "pissa"}, "rewrites the base"),
+    ({"init_lora_weights": "pissa"}, "rewrite the base"),
     ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
     ({"r": 8}, "says r=8"),
     ({"target_modules": ["k_proj"]}, "does not select"),
