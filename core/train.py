@@ -187,12 +187,18 @@ def _memory_bytes(device: torch.device) -> int | None:
         with contextlib.suppress(Exception):
             return int(torch.mps.current_allocated_memory())
         return None
+    global _PROCESS
     try:
-        import psutil
+        if _PROCESS is None:
+            import psutil
 
-        return int(psutil.Process().memory_info().rss)
+            _PROCESS = psutil.Process()
+        return int(_PROCESS.memory_info().rss)
     except Exception:
         return None
+
+
+_PROCESS = None  # psutil's handle on this process, made once
 
 
 def _thin(points: list, limit: int = CURVE_POINTS) -> list:
@@ -242,6 +248,7 @@ class Trainer:
         self._adapter = ADAPTER_NAME
         self._owns_group = False
         self._saved_step = -1
+        self._device_spec: str | None = None  # the device this rank uses under torchrun (config.json keeps the user's)
 
     # -- flags (any thread) ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -311,9 +318,9 @@ class Trainer:
             self._owns_group = True
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
-            self.cfg.model.device = f"cuda:{self.local_rank}"
+            self._device_spec = f"cuda:{self.local_rank}"
         elif dev == "auto":
-            self.cfg.model.device = "cpu"
+            self._device_spec = "cpu"
 
     def _cleanup(self) -> None:
         model = self.model
@@ -363,7 +370,7 @@ class Trainer:
 
             self._status("loading", f"loading {cfg.model.source}", 0.0)
             self.loaded = _Owned(models.load_model(
-                cfg.model.source, device=cfg.model.device, precision=cfg.model.precision,
+                cfg.model.source, device=self._device_spec or cfg.model.device, precision=cfg.model.precision,
                 trust_remote_code=cfg.model.trust_remote_code,
                 progress=lambda m, f: self._status("loading", m, f)))
         lm = self.loaded.inner if isinstance(self.loaded, _Owned) else self.loaded

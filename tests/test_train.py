@@ -132,8 +132,10 @@ def test_same_seed_same_curve_and_adapter_other_seed_differs(assets, tmp_path):
 def test_grad_accumulation_equals_one_big_batch(assets, tmp_path):
     """Loss normalised by the trained tokens of the whole step: 2×2 accumulated == 4 at once."""
     Trainer(make_cfg(assets, tmp_path / "big", batch_size=4, grad_accum=1, steps=4)).run()
-    Trainer(make_cfg(assets, tmp_path / "acc", batch_size=2, grad_accum=2, steps=4)).run()
+    acc = make_cfg(assets, tmp_path / "acc", batch_size=2, grad_accum=2, steps=None, epochs=0.4)
+    assert Trainer(acc).run().total_steps == 4  # ceil(0.4 × 40 examples / 4 per step)
     assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), abs=1e-5)
+    assert runs.read_metrics(tmp_path / "acc")[-1]["epoch"] == pytest.approx(0.4)
     assert_same_adapter(adapter_of(tmp_path / "big"), adapter_of(tmp_path / "acc"), atol=1e-5)
 
 
@@ -200,6 +202,20 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "state.json").read_text())
     assert math.isfinite(state["last_loss"])
     assert runs.RunFolder(tmp_path / "run").status()["status"] == "failed"
+
+
+def test_out_of_memory_says_what_to_change(assets, tmp_path):
+    trainer = Trainer(make_cfg(assets, tmp_path / "run", steps=5))
+
+    def no_memory(model, batch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer._loss_sum = no_memory
+    with pytest.raises(StudioError) as e:
+        trainer.run()
+    text = str(e.value)
+    assert "out of memory" in text and "--batch-size 4" in text and "--max-length 64" in text
+    assert "--gradient-checkpointing" in text and "Traceback" not in text
 
 
 # -- the run folder --------------------------------------------------------------------------------------
