@@ -278,6 +278,26 @@ def test_train_config_repeats_a_run_and_flags_beside_it_win(assets, tmp_path, ca
     assert err.count("\n") == 0 and "--rank" in err and "--lr" in err and "--val-split" in err
 
 
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(assets, tmp_path, capsys):
+    from studio.cli import run as cli
+
+    ck, data = assets
+    out = tmp_path / "run"
+
+    def interrupt():
+        while not runs.read_metrics(out):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends on Ctrl-C
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    code = cli(["train", "--model", str(ck), "--data", str(data), "--device", "cpu", "--max-length", "64",
+                "--rank", "4", "--steps", "500", "--save-every", "0", "--no-progress", "--out", str(out)])
+    assert code == 130
+    step = runs.RunFolder(out).status()["step"]
+    assert 1 <= step < 500 and runs.latest_checkpoint(out).name == f"step-{step}"
+    assert "--resume" in capsys.readouterr().err
+
+
 # -- real processes: kill -9 and resume; torchrun ------------------------------------------------------
 
 def _env():
