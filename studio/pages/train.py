@@ -28,16 +28,7 @@ from studio.widgets.loss_plot import LossPlot
 def _list_runs():
     from core import runs
 
-    out = []
-    for r in runs.list_runs():
-        d = r if isinstance(r, dict) else getattr(r, "__dict__", {})
-        path = d.get("path") or getattr(r, "path", None)
-        if path is None:
-            continue
-        out.append({"path": str(path), "name": d.get("name") or Path(str(path)).name,
-                    "status": d.get("status", ""), "step": d.get("step") or d.get("last_step"),
-                    "total": d.get("total_steps") or d.get("steps")})
-    return out
+    return runs.list_runs()
 
 
 def _adopt(run_dir: str):
@@ -63,7 +54,7 @@ def _run_folder_name(model: str, name: str) -> str:
 class TrainPage(Page):
     KEY = "train"
     TITLE = "Train"
-    ICON = "SP_MediaPlay"
+    ICON = "SP_MediaSeekForward"
 
     def __init__(self, state, parent=None):
         super().__init__(state, parent)
@@ -164,6 +155,7 @@ class TrainPage(Page):
         scroll.setWidget(left)
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setMinimumWidth(340)
         scroll.setMaximumWidth(420)
 
@@ -421,9 +413,7 @@ class TrainPage(Page):
         self.worker = None
         self._set_running(False)
         self.state.set_training(False)
-        self._runs_listed = False
-        if self.isVisible():
-            self.refresh_runs()
+        self.refresh_runs()
 
     # -- earlier runs -----------------------------------------------------------------------------
     def page_shown(self) -> None:
@@ -440,8 +430,11 @@ class TrainPage(Page):
     def _show_runs(self, runs: list[dict]) -> None:
         self.runs.clear()
         for r in runs:
-            extra = f" ({r['status']})" if r.get("status") else ""
+            step, total = r.get("step"), r.get("total_steps")
+            where = f", step {step} of {total}" if step and total else ""
+            extra = f" ({r['status']}{where})" if r.get("status") else ""
             self.runs.addItem(f"{r['name']}{extra}", r["path"])
+            self.runs.setItemData(self.runs.count() - 1, r["path"], Qt.ItemDataRole.ToolTipRole)
         self.resume_button.setEnabled(bool(runs) and not self.running)
 
     def resume_selected(self) -> None:

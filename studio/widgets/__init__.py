@@ -45,7 +45,7 @@ def style_plot(plot_item) -> None:
         ax = plot_item.getAxis(name)
         ax.setPen(c["muted"])
         ax.setTextPen(c["foreground"])
-    plot_item.showGrid(x=True, y=True, alpha=0.15)
+    plot_item.showGrid(x=True, y=True, alpha=0.08)
 
 
 def format_bytes(n: float | int | None) -> str:

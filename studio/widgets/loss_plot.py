@@ -47,7 +47,7 @@ class LossPlot(QWidget):
 
     REDRAW_MS = 100
 
-    def __init__(self, parent: QWidget | None = None, *, smoothing: float = 0.9):
+    def __init__(self, parent: QWidget | None = None, *, smoothing: float = 0.8):
         super().__init__(parent)
         self.smoothing = smoothing
         self.steps, self.losses, self.smooth, self.lrs = _Buffer(), _Buffer(), _Buffer(), _Buffer()
@@ -64,7 +64,9 @@ class LossPlot(QWidget):
         pi = self.plot.getPlotItem()
         pi.setLabel("bottom", "step")
         pi.setLabel("left", "loss")
-        pi.addLegend(offset=(-10, 10), labelTextColor=c["foreground"])
+        legend_bg = QColor(c["background"])
+        legend_bg.setAlpha(200)
+        pi.addLegend(offset=(-10, 10), labelTextColor=c["foreground"], brush=legend_bg)
         pi.setMenuEnabled(False)
         main = c["series"][0]
         faint = QColor(main)
