@@ -536,3 +536,19 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and f"{bad}:2:" in err and err.count("\n") == 1
     assert run(["data", str(bad), "--model", str(ckpt), "--fields", "nonsense"]) == 1
     assert "--fields" in capsys.readouterr().err
+
+
+def test_plain_template_keeps_a_bos_the_tokenizer_adds():
+    from tokenizers import processors
+
+    tok = tiny_tokenizer(chat_template=False)
+    tok.bos_token = "<|im_start|>"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 0)])
+    assert tok("Hi")["input_ids"][0] == 0  # this tokenizer puts BOS in front of plain text
+    enc = data.encode(ALPACA[1], tok, "instruction", {"instruction": "instruction", "output": "output"},
+                      max_length=128)
+    assert enc.input_ids[0] == 0 and enc.input_ids.count(0) == 1 and enc.labels[0] == -100
+    prompt = data.prompt_ids(tok, [{"role": "user", "content": "Name a colour"}])
+    first = next(i for i, l in enumerate(enc.labels) if l != -100)
+    assert enc.input_ids[:first] == prompt
