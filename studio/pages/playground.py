@@ -22,7 +22,9 @@ from studio.pages import Page, setting
 
 BASE = "Base model (no adapter)"
 STOP_REASONS = {"eos": "ended its turn", "length": "reached the token limit", "cancelled": "stopped"}
-DEFAULT_PROMPT = "Give me three tips for writing a clear commit message."
+DEFAULT_PROMPT = "Two large oat milk lattes with an extra shot, please."
+"""An order like those of the bundled sample dataset: after the first run on it, the adapter's answer
+(the order as JSON) and the base model's (a chat reply) differ at a glance."""
 
 
 def generate_answers(model, tokenizer, prompt: str, choices: list[str | None], settings: dict, *,

@@ -1,0 +1,219 @@
+"""Screenshots of every page of the studio in a realistic state, for the README and for looking at.
+
+    python packaging/screenshots.py OUT_DIR [--model default] [--steps 40] [--live-steps 8]
+
+What it does, for real (nothing on the screenshots is made up):
+
+1. in a fresh studio home (``--home``, default a temporary folder; the model cache of your own home
+   is linked in so the bundled default is not converted again), trains three short adapters on the
+   bundled sample dataset with ``core.train`` (attention-qv r8, all-linear r16, mlp r4), adds them to
+   the library and combines two of them (``core.combine``, exact);
+2. opens the main window on ``--model`` and waits for each page's facts (summary, layers, data);
+3. starts a fourth run from the Train page and takes its picture while it trains, then stops it;
+4. loads the model, applies the all-linear adapter from the Library, shows its ΔW analysis, ticks
+   the three runs on Compare runs, and generates with the base model and the adapter side by side.
+
+Each page is saved as ``OUT_DIR/<n>-<page>.png`` (window size ``--size``, default 1280x800). On
+the bundled default on a laptop CPU this takes a few minutes, mostly the training; with a tiny model
+folder (``--model path``) it takes seconds, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PROMPT = "Two large oat milk lattes with an extra shot, please."
+RUNS = [  # (name, targets, rank): three shapes of adapter a person would compare
+    ("coffee-orders all-linear r16", "all-linear", 16),
+    ("coffee-orders attention-qv r8", "attention-qv", 8),
+    ("coffee-orders mlp r4", "mlp", 4),
+]
+
+
+def _log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def run_config(model: str, name: str, targets: str, rank: int, steps: int, out: Path):
+    """The configuration of one short run on the bundled sample dataset."""
+    from core.config import RunConfig
+    from core.home import sample_dataset
+
+    cfg = RunConfig()
+    cfg.name, cfg.out = name, str(out)
+    cfg.model.source, cfg.model.device = model, "auto"
+    cfg.data.path, cfg.data.max_length, cfg.data.val_split = str(sample_dataset()), 160, 0.1
+    cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha = targets, rank, 2.0 * rank
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr = steps, 4, 1e-3
+    cfg.train.warmup, cfg.train.eval_every, cfg.train.save_every = max(1, steps // 10), max(1, steps // 4), 0
+    return cfg
+
+
+def make_library(model: str, steps: int) -> list[Path]:
+    """Train the adapters of :data:`RUNS`, adopt them into the library, combine two; return the runs."""
+    from core.home import runs_dir
+    from core.library import Library
+    from core.train import Trainer
+    from studio.pages.library import combine_into_library
+
+    lib = Library()
+    run_dirs = []
+    for name, targets, rank in RUNS:
+        out = runs_dir() / name.replace(" ", "-")
+        t0 = time.perf_counter()
+        result = Trainer(run_config(model, name, targets, rank, steps, out)).run()
+        _log(f"trained {name}: {result.status}, final loss {result.final_loss}, "
+             f"{time.perf_counter() - t0:.0f} s")
+        lib.adopt_run(out, name=name)
+        run_dirs.append(out)
+    entries = {e.name: e for e in lib.entries()}
+    first = entries[RUNS[0][0]]
+    lib.set_notes(first.id, "The one to use: answers orders as JSON. Trained on the bundled sample dataset.")
+    parts = [entries[RUNS[1][0]], entries[RUNS[2][0]]]
+    combine_into_library(str(lib.root), [str(e.path) for e in parts], [1.0, 1.0], "exact", None,
+                         "attention-qv r8 + mlp r4", "Combined (exact sum) of the attention and MLP adapters")
+    _log("library ready: " + ", ".join(e.name for e in lib.entries()))
+    return run_dirs
+
+
+def wait_until(app, condition, timeout: float, what: str) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            _log(f"gave up waiting for {what} after {timeout:.0f} s")
+            return False
+        app.processEvents()
+        time.sleep(0.02)
+    app.processEvents()
+    return True
+
+
+def settle(app, seconds: float = 0.5) -> None:
+    """Let timers (plot redraws) and queued signals run."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Open each page of the studio in a realistic state and save PNGs.")
+    p.add_argument("out", help="folder for the PNG files (created)")
+    p.add_argument("--model", default="default", help="base model spec (default: the bundled SmolLM2-135M)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each library adapter (default 40)")
+    p.add_argument("--live-steps", type=int, default=8,
+                   help="steps the in-progress run takes before its picture (default 8)")
+    p.add_argument("--home", help="studio home to build the library in (default: a new temporary folder)")
+    p.add_argument("--size", default="1280x800", help="window size WxH (default 1280x800)")
+    args = p.parse_args(argv)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    from core.home import studio_home
+
+    own_models = studio_home() / "models"
+    home = Path(args.home).expanduser() if args.home else Path(tempfile.mkdtemp(prefix="lora-studio-shots-"))
+    home.mkdir(parents=True, exist_ok=True)
+    if own_models.is_dir() and not (home / "models").exists():
+        (home / "models").symlink_to(own_models, target_is_directory=True)  # reuse the converted default
+    os.environ["LORA_STUDIO_HOME"] = str(home)
+    _log(f"studio home: {home}")
+
+    model = args.model if args.model == "default" else str(Path(args.model).expanduser().resolve())
+    run_dirs = make_library(model, args.steps)
+
+    from studio import workers
+    from studio.app import MainWindow, make_app
+
+    app = make_app()
+    window = MainWindow(background=False)
+    window.resize(width, height)
+    state = window.state
+    state.config.model.source = model
+    window.show()
+    state.refresh_model_info()
+    shots: list[Path] = []
+
+    def shot(key: str, suffix: str = "") -> None:
+        settle(app)
+        path = out / f"{len(shots) + 1:02d}-{key}{suffix}.png"
+        window.grab().save(str(path))
+        shots.append(path)
+        _log(f"saved {path.name}")
+
+    wait_until(app, lambda: state.model_info is not None or state.model_error, 600, "the model's facts")
+    wait_until(app, lambda: state.tokenizer is not None or state.model_error, 300, "the tokenizer")
+    for key in ("model", "layers", "data"):
+        window.show_page(key)
+        wait_until(app, lambda: not workers.running(), 300, f"the {key} page")
+        shot(key)
+
+    # a run in progress
+    train = window.page("train")
+    if train is not None:
+        state.config.lora.targets, state.config.lora.rank, state.config.lora.alpha = "all-linear", 16, 32.0
+        state.config.train.steps, state.config.train.lr, state.config.train.eval_every = 200, 1e-3, 10
+        state.config.data.val_split, state.config.data.max_length = 0.1, 160
+        state.config.name = "coffee-orders live"
+        state.changed("all")
+        window.show_page("train")
+        if train.start():
+            steps = {"n": 0}
+            train.worker.progress.connect(lambda ev: steps.__setitem__("n", steps["n"] + hasattr(ev, "tokens")))
+            wait_until(app, lambda: steps["n"] >= args.live_steps, 900, "the live run's steps")
+            shot("train", "-running")
+            train.stop()
+            wait_until(app, lambda: train.worker is None and not workers.running(), 600, "the run to stop")
+
+    library = window.page("library")
+    window.show_page("library")
+    library.reload()
+    library.load_model()
+    wait_until(app, lambda: state.loaded is not None, 600, "the model to load")
+    wait_until(app, lambda: library.job is None and library.check_worker is None, 300, "the compatibility checks")
+    library.select_name(RUNS[0][0])
+    library.apply_selected()
+    wait_until(app, lambda: library.job is None, 300, "the adapter to apply")
+    library.tabs.setCurrentIndex(0)
+    shot("library")
+    library.tabs.setCurrentWidget(library.delta)
+    wait_until(app, lambda: library.analysis_worker is None, 300, "the ΔW analysis")
+    shot("library", "-delta")
+
+    compare = window.page("compare")
+    if compare is not None:
+        window.show_page("compare")
+        compare.refresh()
+        compare.set_checked([str(r) for r in run_dirs])
+        shot("compare")
+
+    playground = window.page("playground")
+    window.show_page("playground")
+    playground.refresh()
+    playground.prompt.setPlainText(PROMPT)
+    playground.greedy.setChecked(True)
+    playground.max_tokens.setValue(80)
+    playground.panes[0].choice.setCurrentIndex(0)
+    adapter_id = next(e.id for e in library.model.entries if e.name == RUNS[0][0])
+    playground.panes[1].choice.setCurrentIndex(max(0, playground.panes[1].choice.findData(adapter_id)))
+    playground.generate()
+    wait_until(app, lambda: playground.worker is None, 600, "the answers")
+    shot("playground")
+
+    window.close()
+    _log(f"{len(shots)} screenshots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
