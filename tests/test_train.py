@@ -139,6 +139,16 @@ def test_grad_accumulation_equals_one_big_batch(assets, tmp_path):
     assert_same_adapter(adapter_of(tmp_path / "big"), adapter_of(tmp_path / "acc"), atol=1e-5)
 
 
+def test_gradient_checkpointing_changes_memory_not_results(assets, tmp_path):
+    Trainer(make_cfg(assets, tmp_path / "plain", steps=3)).run()
+    cfg = make_cfg(assets, tmp_path / "gc", steps=3)
+    cfg.model.gradient_checkpointing = True
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert losses(tmp_path / "gc") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+    assert_same_adapter(adapter_of(tmp_path / "gc"), adapter_of(tmp_path / "plain"), atol=1e-6)
+
+
 # -- stop, pause, NaN ----------------------------------------------------------------------------------
 
 def test_stop_takes_effect_within_one_step_and_leaves_a_checkpoint(assets, tmp_path):
