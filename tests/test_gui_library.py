@@ -393,3 +393,21 @@ def test_compare_runs_overlays_curves_and_highlights_differences(qtbot, tmp_path
     page.set_checked([str(a), str(b), str(elsewhere)])
     assert "train.lr" in page.differing
     assert len(page.curves.series) == 3
+
+
+def test_applied_adapter_shows_in_the_playground_by_its_library_name(qtbot, page, setup):
+    from studio.pages.playground import PlaygroundPage
+
+    load(qtbot, page, setup)
+    page.select_name("qv-small")
+    page.apply_button.click()
+    wait_idle(qtbot, page)
+    play = PlaygroundPage(page.state)
+    qtbot.addWidget(play)
+    assert play.panes[0].choice.currentText().startswith("Base model")
+    assert play.panes[1].choice.currentText() == "adapter: qv-small"
+    play.greedy.setChecked(True)
+    play.max_tokens.setValue(10)
+    play.generate_button.click()
+    qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
+    assert len(play.results) == 2 and play.results[0].token_ids != play.results[1].token_ids

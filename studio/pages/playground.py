@@ -54,6 +54,16 @@ def generate_answers(model, tokenizer, prompt: str, choices: list[str | None], s
     return results
 
 
+def library_names() -> dict[str, str]:
+    """Library entry names by id: the Library puts an adapter on the model under its id."""
+    try:
+        from core.library import Library
+
+        return {e.id: e.name for e in Library().entries()}
+    except Exception:  # noqa: BLE001 - names are a nicety; the ids still work
+        return {}
+
+
 def load_session_model(spec: str, device: str, precision: str, trust: bool, *, progress):
     """Runs in the worker thread: the chosen base model, ready to generate."""
     from core import models
@@ -89,13 +99,14 @@ class AnswerPane(QFrame):
         lay.addWidget(self.text, 1)
         lay.addWidget(self.stats)
 
-    def set_choices(self, adapters: list[str], preferred: str | None) -> None:
+    def set_choices(self, adapters: list[str], preferred: str | None, labels: dict[str, str] | None = None) -> None:
+        """``adapters``: names on the model; ``labels``: what to call them (library names by id)."""
         current = self.choice.currentData() if self.choice.count() else preferred
         self.choice.blockSignals(True)
         self.choice.clear()
         self.choice.addItem(BASE, None)
         for name in adapters:
-            self.choice.addItem(f"adapter: {name}", name)
+            self.choice.addItem(f"adapter: {(labels or {}).get(name, name)}", name)
         want = current if current in adapters else (preferred if preferred in adapters else None)
         self.choice.setCurrentIndex(max(0, self.choice.findData(want)) if want else 0)
         self.choice.blockSignals(False)
@@ -234,8 +245,10 @@ class PlaygroundPage(Page):
             adapters = lora.adapter_names(loaded.model)
             merged = lora.merged_adapters(loaded.model)
             active = lora.active_adapters(loaded.model)
-            self.panes[0].set_choices(adapters, None)
-            self.panes[1].set_choices(adapters, (active or adapters or [None])[0])
+            labels = library_names() if adapters else {}
+            self.panes[0].set_choices(adapters, None, labels)
+            self.panes[1].set_choices(adapters, (active or adapters or [None])[0], labels)
+            merged = [labels.get(n, n) for n in merged]
         else:
             for p in self.panes:
                 p.set_choices([], None)
