@@ -102,9 +102,11 @@ def test_optimizer_holds_only_the_adapter_and_lr_follows_schedule(assets, tmp_pa
             seen["trainable"] = {id(p) for p in t.model.parameters() if p.requires_grad}
             seen["count"] = sum(p.numel() for p in held)
 
-    cfg = make_cfg(assets, tmp_path / "run", scheduler="linear", steps=6)
+    cfg = make_cfg(assets, tmp_path / "run", scheduler="linear", steps=6, log_every=2)
     trainer = Trainer(cfg, callback=cb)
     trainer.run()
+    # the loss is read back from the device only at log points
+    assert [r["loss"] is not None for r in runs.read_metrics(tmp_path / "run")] == [False, True] * 3
     assert seen["held"] == seen["lora"] == seen["trainable"]
     # r·(d_in + d_out) over 2 layers × (q 32→32, k 32→16, v 32→16, o, gate, up 32→64, down 64→32)
     per_layer = 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 64) * 3)
