@@ -74,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--json-out", default=None, help="write every figure and the machine to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--core-path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                   help="also time our LoRA from another copy of the code: DIR holds a 'core' package "
+                        "(e.g. an older commit's, from 'git archive'); shown as ours:LABEL. Repeatable; "
+                        "this is how each trick in benchmarks/README.md was measured")
     return p.parse_args(argv)
 
 
@@ -101,13 +106,16 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, method = args.device, args.worker
+    if ":" in method:  # ours:LABEL, a variant of core.lora found under --core-path (A/B of a trick)
+        sys.path.insert(0, args.core_path)
+        method = method.split(":", 1)[0]
     t_load = time.perf_counter()
     model = common.load_model(Path(args.folder), device, args.dtype)
     load_s = time.perf_counter() - t_load
     x = common.token_batch(model.config.vocab_size, args.batch, args.seq, device)
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
     names = _targets(model, args.targets)
-    result: dict = {"method": method, "load_s": round(load_s, 2)}
+    result: dict = {"method": args.worker, "load_s": round(load_s, 2)}
 
     torch.manual_seed(0)  # the same seed before injection: ours and PEFT draw the same A
     if method in ("ours", "infer-merged", "infer-unmerged"):
@@ -163,9 +171,11 @@ def worker(args) -> dict:
 
     mem = common.PeakMemory(device)
     mem.start()
-    times = common.timed(step, args.steps, args.warmup, sync)
+    times, cpu = common.timed(step, args.steps, args.warmup, sync)
     result.update(step_s=common.median(times), times=[round(t, 5) for t in times],
-                  peak_bytes=mem.peak(), peak_source=mem.source)
+                  cpu_s=common.median(cpu), cpu_times=[round(t, 5) for t in cpu],
+                  peak_bytes=mem.peak(), peak_source=mem.source,
+                  rss_before_steps=getattr(mem, "start_rss", None))
     if "losses" in result:
         result["losses"] = [round(v, 6) for v in result["losses"]]
     return result
@@ -180,6 +190,8 @@ def run_one(method: str, folder: Path, args) -> dict:
            "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if ":" in method:
+        cmd += ["--core-path", dict(v.split("=", 1) for v in args.variant)[method.split(":", 1)[1]]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -193,9 +205,11 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
         pooled = [t for r in rs for t in r["times"]]
         out[method] = {
             "step_s": common.median(pooled),
+            "cpu_s": common.median([t for r in rs for t in r["cpu_times"]]),
             "round_medians_s": [round(r["step_s"], 4) for r in rs],
             "peak_bytes": max(r["peak_bytes"] for r in rs),
             "peak_source": rs[0]["peak_source"],
+            "rss_before_steps": rs[0].get("rss_before_steps"),
             "trainable_params": rs[0]["trainable_params"],
             "first_losses": rs[0].get("losses", [])[:3],
         }
@@ -214,6 +228,9 @@ def ratios(s: dict) -> dict:
         "unmerged/base": r("infer-unmerged", "infer-base"),
         "peft unmerged/base": r("infer-peft", "infer-base"),
     }
+    for m in s:
+        if m.startswith("ours:"):  # a variant against the current code: > 1 means the variant is slower
+            out[f"{m}/ours"] = r(m, "ours")
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -221,10 +238,11 @@ TARGETS = {"ours/peft": 0.90, "ours/floor": 1.10, "memory ours/peft": 1.00, "mer
 
 
 def table(s: dict, rat: dict) -> str:
-    lines = [f"{'method':<16}{'median step':>13}{'per-round medians':>28}{'peak memory':>14}{'trainable':>13}"]
+    lines = [f"{'method':<16}{'median step':>13}{'CPU time':>12}{'per-round medians':>28}{'peak memory':>14}"
+             f"{'trainable':>13}"]
     for m, v in s.items():
         rounds = " ".join(f"{t * 1000:.0f}" for t in v["round_medians_s"])
-        lines.append(f"{m:<16}{v['step_s'] * 1000:>10.1f} ms{rounds + ' ms':>28}"
+        lines.append(f"{m:<16}{v['step_s'] * 1000:>10.1f} ms{v['cpu_s'] * 1000:>9.0f} ms{rounds + ' ms':>28}"
                      f"{v['peak_bytes'] / 2**20:>10.0f} MiB{v['trainable_params']:>13,}")
     lines.append("")
     for k, v in rat.items():
@@ -248,6 +266,8 @@ def main(argv=None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
         methods = list(TRAIN_METHODS) + ([] if args.no_infer else list(INFER_METHODS))
+        # variants right after "ours", so each A/B pair runs back to back
+        methods[1:1] = [f"ours:{v.split('=', 1)[0]}" for v in args.variant]
     info = common.machine()
     print(f"model {folder}\nmachine: {common.describe(info)}", file=sys.stderr)
     print(f"batch {args.batch} x {args.seq} tokens, r={args.rank}, alpha={args.alpha:g}, {args.targets}, "

@@ -59,7 +59,14 @@ class _LoRAFunction(torch.autograd.Function):
     the forward, and the scale multiply and the sum of the two input-gradient branches in the
     backward. Here the LoRA branch is accumulated into the base output and into the base input
     gradient in place with ``addmm_`` (alpha = s), so each of those passes disappears. Only ``x``
-    (which the caller holds anyway) and the r-wide ``x·Aᵀ`` are saved.
+    (which the caller holds anyway) and the r-wide ``A·xᵀ`` are saved; the frozen weight gets no
+    gradient (it is never asked for), and nothing is computed for an input that needs none.
+
+    The r-wide products are computed with r as the *row* count of the result (``A·xᵀ`` is r × N,
+    ``Bᵀ·gᵀ`` is r × N, ``(A·xᵀ)·g`` is r × d_out), not as N × r. The tensors are the same up to a
+    transpose, but a GEMM whose output has only r = 8 columns runs about 1.5-2.5× slower on a
+    CPU than the same GEMM with r rows (measured, one thread, N = 512, d = 576: x·Aᵀ 90-125 µs
+    vs A·xᵀ 50-70 µs; gᵀ·xa 125-160 µs vs (xaᵀ·g)ᵀ 50-60 µs). See benchmarks/README.md.
     """
 
     @staticmethod
@@ -70,9 +77,9 @@ class _LoRAFunction(torch.autograd.Function):
             out = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
         else:
             out = F.linear(x2, weight, bias)
-        xa = x2 @ lora_a.t()  # (N, r)
-        out.addmm_(xa, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        xa_t = lora_a @ x2.t()  # (r, N): A·xᵀ, r rows (see the class docstring)
+        out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa_t)
         ctx.scaling = scaling
         ctx.transposed = transposed
         ctx.shape = shape
@@ -80,19 +87,22 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
         s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        gb = g @ lora_b  # (N, r): the gradient reaching B·A's middle
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ (weight.t() if ctx.transposed else weight)
-            grad_x.addmm_(gb, lora_a, alpha=s)
-            grad_x = grad_x.reshape(ctx.shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = (gb.t() @ x2).mul_(s)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            # (r, N): the gradient reaching the middle of B·A, transposed; Bᵀ made contiguous
+            # (r × d_out, a tiny copy) so the GEMM reads it row by row.
+            gb_t = lora_b.t().contiguous() @ g.t()
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ (weight.t() if ctx.transposed else weight)
+                grad_x.addmm_(gb_t.t(), lora_a, alpha=s)
+                grad_x = grad_x.reshape(ctx.shape)
+            if ctx.needs_input_grad[3]:
+                grad_a = (gb_t @ x2).mul_(s)  # (r, d_in)
         if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ xa).mul_(s)
+            grad_b = (xa_t @ g).mul_(s).t()  # (r, d_out) computed, returned as (d_out, r)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
