@@ -411,3 +411,20 @@ def test_applied_adapter_shows_in_the_playground_by_its_library_name(qtbot, page
     play.generate_button.click()
     qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
     assert len(play.results) == 2 and play.results[0].token_ids != play.results[1].token_ids
+
+
+def test_merge_does_not_make_other_adapters_look_foreign(qtbot, page, setup):
+    """Merging changes the weights the fingerprint hashes; the other adapters still fit, no warning."""
+    load(qtbot, page, setup)
+    before = {k: (list(v.problems), list(v.warnings)) for k, v in page.model.compat.items()}
+    page.select_name("qv-small")
+    page.merge_button.click()
+    wait_idle(qtbot, page)
+    page.reload()  # what happens whenever the page is shown again
+    wait_idle(qtbot, page)
+    assert {k: (list(v.problems), list(v.warnings)) for k, v in page.model.compat.items()} == before
+    # an adapter imported while another is merged is checked on shapes only
+    exported = Path(page.library.export(setup["entries"]["qv-other"].id, str(Path(setup["base"]).parent / "x")))
+    entry = page.import_path(str(exported))
+    wait_idle(qtbot, page)
+    assert page.model.compat[entry.id].ok and not page.model.compat[entry.id].warnings

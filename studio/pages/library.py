@@ -262,8 +262,14 @@ class LibraryFilter(QSortFilterProxyModel):
 
 # -- jobs (run in worker threads) -------------------------------------------------------------------
 
-def check_entries(items: list[tuple[str, str, dict | None]], model, *, cancelled) -> dict[str, Compat]:
-    """Compatibility of each ``(id, folder, recorded fingerprint)`` with ``model``."""
+def check_entries(items: list[tuple[str, str, dict | None]], model, *, cancelled,
+                  skip_fingerprint: bool = False) -> dict[str, Compat]:
+    """Compatibility of each ``(id, folder, recorded fingerprint)`` with ``model``.
+
+    ``skip_fingerprint``: an adapter is merged into the model's weights, so their content hash is not
+    the base model's; only the problems (shapes, names) count then, since a different-weights
+    warning would be about the merge, not the adapter.
+    """
     from core.library import check_adapter
 
     out: dict[str, Compat] = {}
@@ -271,7 +277,7 @@ def check_entries(items: list[tuple[str, str, dict | None]], model, *, cancelled
         if cancelled():
             break
         problems, warnings = check_adapter(folder, model, recorded=recorded)
-        out[entry_id] = Compat(list(problems), list(warnings))
+        out[entry_id] = Compat(list(problems), [] if skip_fingerprint else list(warnings))
     return out
 
 
@@ -471,6 +477,7 @@ class LibraryPage(Page):
         self.check_worker: workers.Worker | None = None
         self.analysis_worker: workers.Worker | None = None
         self.analysis_cache: dict[tuple[str, bool], Any] = {}
+        self.compat_cache: dict[tuple[int, str, str], Compat] = {}
         self.current_id: str | None = None
         self.last_report: dict | None = None
 
@@ -865,11 +872,13 @@ class LibraryPage(Page):
         def finish(w=w):
             if w is self.analysis_worker:
                 self.analysis_worker = None
+                self._update_actions()
 
         w.finished.connect(done)
         w.failed.connect(failed)
         w.done.connect(finish)
         workers.start(w, owner=self)
+        self._update_actions()
 
     # -- the loaded model -------------------------------------------------------------------------
     def _loaded_changed(self, loaded) -> None:
@@ -902,22 +911,40 @@ class LibraryPage(Page):
         return self.model.entries[row].name if row >= 0 else adapter_name
 
     def _start_checks(self) -> None:
-        """Check every entry against the loaded model, in a worker; rows grey out as results come."""
+        """Check the entries against the loaded model, in a worker; rows grey out as results come.
+
+        Results are kept per model and adapter file: whether an adapter fits the base model does not
+        change when adapters are applied or merged, so only new entries and a newly loaded model are
+        checked (and a check made after a merge does not mistake the merge for other weights)."""
         if self.check_worker is not None:
             self.check_worker.cancel()
             self.check_worker = None
         loaded = self.state.loaded
-        self.model.set_compat({})
-        if loaded is None or not self.model.entries or self.state.training:
+        if loaded is None or not self.model.entries:
+            self.model.set_compat({})
             self._update_actions()
             return
-        items = [(e.id, str(e.path), e.base_fingerprint) for e in self.model.entries]
-        w = workers.FunctionWorker(check_entries, items, loaded.model)
+        key = id(loaded.model)
+        known = {e.id: self.compat_cache[(key, e.id, e.adapter_hash)] for e in self.model.entries
+                 if (key, e.id, e.adapter_hash) in self.compat_cache}
+        self.model.set_compat(known)
+        todo = [e for e in self.model.entries if e.id not in known]
+        if not todo or self.state.training:
+            self._update_actions()
+            return
+        from core import lora
+
+        items = [(e.id, str(e.path), e.base_fingerprint) for e in todo]
+        hashes = {e.id: e.adapter_hash for e in todo}
+        w = workers.FunctionWorker(check_entries, items, loaded.model,
+                                   skip_fingerprint=bool(lora.merged_adapters(loaded.model)))
         self.check_worker = w
 
         def done(result, w=w):
+            for entry_id, compat in result.items():
+                self.compat_cache[(key, entry_id, hashes[entry_id])] = compat
             if w is self.check_worker:
-                self.model.set_compat(result)
+                self.model.set_compat({**self.model.compat, **result})
                 entry = self.current_entry()
                 if entry is not None:
                     self._show_compat(entry)
@@ -950,7 +977,9 @@ class LibraryPage(Page):
         one = selected[0] if len(selected) == 1 else None
         loaded = self.state.loaded
         idle = self.job is None
-        model_free = loaded is not None and not self.state.training and idle
+        # a check or an analysis reads the weights a merge would change under it: wait for them
+        model_free = (loaded is not None and not self.state.training and idle and self.check_worker is None
+                      and self.analysis_worker is None)
         compat = self.model.compat.get(one.id) if one is not None else None
         fits = compat is not None and compat.ok
         on = self.model.on_model.get(one.id) if one is not None else None
