@@ -295,6 +295,13 @@ def test_combine_creates_an_entry(qtbot, page, setup):
     torch.testing.assert_close(c.delta(m), a.delta(m) + 0.5 * b.delta(m), atol=1e-5, rtol=1e-4)
     assert [e.name for e in page.selected_entries()] == ["qv-blend"]
 
+    page.select_ids([setup["entries"]["qv-small"].id, setup["entries"]["qv-other"].id])
+    page.ask_combine = lambda entries, title, with_name: {"weights": [1.0, 1.0], "mode": "svd", "rank": 2,
+                                                          "name": "qv-svd2"}
+    page.combine_button.click()
+    wait_idle(qtbot, page)
+    assert Library().resolve("qv-svd2").rank == 2
+
 
 def test_export_merged_model_in_a_worker(qtbot, page, setup, tmp_path):
     page.select_name("qv-small")

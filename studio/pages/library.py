@@ -384,6 +384,7 @@ class CombineDialog(QDialog):
         self.entries = entries
         self.table = QTableWidget(len(entries), 3)
         self.table.setHorizontalHeaderLabels(["adapter", "rank", "weight"])
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
         self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.weights: list[QDoubleSpinBox] = []
