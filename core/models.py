@@ -958,6 +958,14 @@ def _cfg(config, *keys, default=None):
     return default
 
 
+def _need(config, *keys) -> int:
+    v = _cfg(config, *keys)
+    if not isinstance(v, int) or v < 1:
+        raise StudioError(f"memory estimate: this model's configuration ({config.model_type}) has no "
+                          f"{' / '.join(keys)}, so its activations cannot be estimated")
+    return v
+
+
 def _dtype_of(precision) -> torch.dtype:
     if isinstance(precision, torch.dtype):
         return precision
@@ -990,8 +998,8 @@ def _layer_bytes_per_token(config, chosen, arch_roles: set[str], s: int, fp32: b
       fp32; a private fp32 copy per module otherwise, since the adapter stays fp32) and the r-wide
       x·Aᵀ (fp32).
     """
-    h = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
-    heads = int(_cfg(config, "num_attention_heads", "n_head"))
+    h = _need(config, "hidden_size", "n_embd", "d_model")
+    heads = _need(config, "num_attention_heads", "n_head")
     head_dim = int(_cfg(config, "head_dim", default=h // heads) or h // heads)
     inner = int(_cfg(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h)
     act = str(_cfg(config, "hidden_act", "activation_function", default="silu"))
@@ -1035,10 +1043,8 @@ def _estimate(config, *, batch_size: int, seq_len: int, rank: int, targets, prec
     dtype = _dtype_of(precision)
     s = torch.finfo(dtype).bits // 8
     fp32 = dtype == torch.float32
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = _build_on_meta(ModelRef(str(getattr(config, "_name_or_path", "") or config.model_type), "folder",
+                                    Path("."), config.model_type), config, False)
     found = targets_mod.list_targets(model)
     names = set(targets_mod.resolve_targets(found, targets))
     chosen = [t for t in found if t.name in names]
@@ -1046,9 +1052,9 @@ def _estimate(config, *, batch_size: int, seq_len: int, rank: int, targets, prec
     buffers = sum(b.numel() for _, b in model.named_buffers())
     trainable = sum(t.lora_params(rank) for t in chosen)
 
-    layers = int(_cfg(config, "num_hidden_layers", "n_layer", "num_layers"))
-    h = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
-    vocab = int(config.vocab_size)
+    layers = _need(config, "num_hidden_layers", "n_layer", "num_layers")
+    h = _need(config, "hidden_size", "n_embd", "d_model")
+    vocab = _need(config, "vocab_size")
     per_block: dict[str, list] = {}
     for t in chosen:
         if t.block:
