@@ -89,7 +89,7 @@ def _short_model(spec: str) -> str:
     if not spec:
         return "?"
     if spec == "default":
-        return "default (SmolLM2-135M-Instruct)"
+        return "SmolLM2-135M-Instruct"
     if "/" in spec and not spec.startswith(("/", ".", "~")) and spec.count("/") == 1:
         return spec  # org/name
     return Path(spec).name or spec
@@ -677,7 +677,7 @@ class LibraryPage(Page):
         self.empty.setVisible(not entries)
         self.table.setVisible(bool(entries))
         self.table.resizeColumnsToContents()
-        for key, cap in (("name", 260), ("base_model", 200), ("targets", 200)):
+        for key, cap in (("name", 220), ("base_model", 170), ("targets", 150)):
             col = COLUMN[key]
             self.table.setColumnWidth(col, min(self.table.columnWidth(col), cap))
         self.select_ids(keep)
