@@ -52,7 +52,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -551,7 +551,6 @@ class Trainer:
         self._status("training", f"training: {self.total_steps} steps of {self.global_batch} examples")
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            step_index = self.step  # 0-based for the schedule
             lr = self.optimizer.param_groups[0]["lr"]
             chunk = self._take(self.global_batch)
             n_tokens = int(self._trained[chunk].sum())
@@ -637,7 +636,12 @@ class Trainer:
             if single:  # a request made by the callback of this very step counts now
                 stop_now, pause_now = self._stop.is_set(), self._pause.is_set()
             if eval_now or (last and len(self.val_set) > 0):
-                self._evaluate()
+                try:
+                    self._evaluate()
+                except Exception as e:
+                    if _is_oom(e):
+                        raise self._oom_error(e) from None
+                    raise
             self._elapsed_now = elapsed
             if last:
                 break
