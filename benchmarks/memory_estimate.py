@@ -2,13 +2,15 @@
 
 Each setting runs in a fresh subprocess (so nothing from an earlier one stays resident): import
 torch and transformers, warm them up, load the tokenizer and import the model's code, read the
-resident set size (the runtime's own memory, the *baseline*), load the bundled default in fp32 on the CPU, put a LoRA adapter on it, reset the kernel's
-high-water mark (``/proc/self/clear_refs``), run two optimizer steps (AdamW, a padded batch of random
-tokens, loss on the non-padding tokens) and read the high-water mark (``VmHWM``). The measured figure
-is that peak minus the baseline: what training needed beyond the Python runtime, which is what the
-estimate's ``total`` counts. Each setting runs twice: with glibc's default malloc (what a user gets)
-and with a fixed mmap threshold, under which freed blocks return to the system at once, so the peak
-is the live tensors' (compared with the estimate less its allocator allowance). Linux only (/proc).
+resident set size (the runtime's own memory, the *baseline*), load the bundled default in fp32 on
+the CPU, put a LoRA adapter on it, reset the kernel's high-water mark (``/proc/self/clear_refs``),
+run two optimizer steps (AdamW, a padded batch of random tokens, loss on the non-padding tokens) and
+read the high-water mark (``VmHWM``). The measured figure is that peak minus the baseline: what
+training needed beyond the Python runtime, which is what the estimate's ``total`` counts.
+
+Each setting runs twice: with glibc's default malloc (what a user gets) and with a fixed mmap
+threshold, under which freed blocks go back to the system at once, so the peak is the live
+tensors' (compared with the estimate less its allocator allowance). Linux only (/proc).
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/memory_estimate.py [--threads 2]
 

@@ -97,6 +97,12 @@ class LoadedModel:
         return self.model.config
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line: errors here are one line each."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _say(progress: Progress | None, message: str, fraction: float) -> None:
     if progress is not None:
         progress(message, fraction)
@@ -358,7 +364,7 @@ def _safetensors_problem(path: Path) -> str | None:
                 return "its header is damaged (not a safetensors file, or cut short)"
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        return f"its header cannot be read ({e})"
+        return f"its header cannot be read ({_first_line(e)})"
     if not isinstance(header, dict):
         return "its header is damaged"
     try:
@@ -444,7 +450,7 @@ def _gguf_header(ref: ModelRef):
         header = GgufHeader.from_file(str(ref.path))
         metadata, _ = read_gguf_metadata(str(ref.path))
     except (ValueError, OSError, struct.error, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise StudioError(f"--model {ref.spec}: {ref.path} is not a readable GGUF file ({e})",
+        raise StudioError(f"--model {ref.spec}: {ref.path} is not a readable GGUF file ({_first_line(e)})",
                           hint="download or copy it again") from None
     arch = header.architecture
     if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("-", "_") not in GGUF_SUPPORTED_ARCHITECTURES:
@@ -491,7 +497,8 @@ def _convert_gguf(ref: ModelRef, progress: Progress | None) -> Path:
         _say(progress, "reading the tokenizer", 0.6)
         tokenizer = AutoTokenizer.from_pretrained(ref.path.parent, **kwargs)
     except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as e:
-        raise StudioError(f"--model {ref.spec}: transformers cannot read {ref.path.name} ({e})") from None
+        raise StudioError(f"--model {ref.spec}: transformers cannot read {ref.path.name} "
+                          f"({_first_line(e)})") from None
     _say(progress, "rebuilding the model", 0.7)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -577,7 +584,7 @@ def _config_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
-        raise StudioError(f"--model {ref.spec}: cannot read {cfg_path} ({e})") from None
+        raise StudioError(f"--model {ref.spec}: cannot read {cfg_path} ({_first_line(e)})") from None
     return config
 
 
@@ -599,7 +606,8 @@ def load_config(spec: str, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(ref.path.parent, gguf_file=ref.path.name)
     except (ValueError, KeyError, OSError) as e:
-        raise StudioError(f"--model {ref.spec}: cannot read the configuration in {ref.path.name} ({e})") from None
+        raise StudioError(f"--model {ref.spec}: cannot read the configuration in {ref.path.name} "
+                          f"({_first_line(e)})") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
@@ -630,15 +638,21 @@ def _ensure_pad_token(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def _tokenizer_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    hint = ("a checkpoint folder needs its tokenizer files (tokenizer.json, tokenizer_config.json) "
+            "beside the weights")
+    if not any((folder / n).is_file() for n in _TOKENIZER_FILES):
+        raise StudioError(f"--model {ref.spec}: {folder} has no tokenizer files", hint=hint)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError) as e:
-        raise StudioError(f"--model {ref.spec}: cannot load the tokenizer from {folder} ({e})",
-                          hint="a checkpoint folder needs its tokenizer files (tokenizer.json, "
-                               "tokenizer_config.json) beside the weights") from None
+        raise StudioError(f"--model {ref.spec}: cannot load the tokenizer from {folder} ({_first_line(e)})",
+                          hint=hint) from None
     _ensure_pad_token(tok)
     if tok.model_max_length is None or tok.model_max_length > 10**8:
         try:
@@ -670,7 +684,7 @@ def _build_on_meta(ref: ModelRef, config, trust_remote_code: bool) -> nn.Module:
             raise StudioError(f"--model {ref.spec}: a '{config.model_type}' model is not a causal language "
                               "model (one that writes text); LoRA Studio trains those (Llama, Qwen, "
                               "Mistral, GPT-2, ...)") from None
-        raise StudioError(f"--model {ref.spec}: cannot build this model ({e})") from None
+        raise StudioError(f"--model {ref.spec}: cannot build this model ({_first_line(e)})") from None
 
 
 def meta_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
@@ -706,7 +720,8 @@ def pick_device(device: str = "auto") -> torch.device:
     m = re.fullmatch(r"cuda(?::(\d+))?", d)
     if m:
         if not torch.cuda.is_available():
-            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch for CUDA {torch.version.cuda}"
+            build = ("a CPU-only torch build" if torch.version.cuda is None
+                     else f"torch for CUDA {torch.version.cuda}")
             raise StudioError(f"--device {device}: no CUDA device is available (this is {build})",
                               hint="use --device auto or cpu")
         index = int(m.group(1) or 0)
@@ -786,7 +801,8 @@ def load_model(spec: str, *, device: str = "auto", precision: str = "auto", trus
                                                      trust_remote_code=trust)
     except Exception as e:  # safetensors' own errors have no common base class; name the folder
         raise StudioError(f"--model {ref.spec}: loading the weights from {folder} failed "
-                          f"({type(e).__name__}: {e})", hint="download or copy the model again") from None
+                          f"({type(e).__name__}: {_first_line(e)})",
+                          hint="download or copy the model again") from None
     model.requires_grad_(False)
     model.eval()
     _say(progress, f"moving to {dev}", base + 0.8 * (1 - base))
@@ -902,7 +918,10 @@ def summary(spec: str, trust_remote_code: bool = False) -> dict:
     model = _build_on_meta(ref, config, trust_remote_code and ref.kind in ("folder", "hub"))
     out: dict[str, Any] = {"name": ref.name, "kind": ref.kind, "spec": ref.spec, "path": str(ref.path)}
     archs = getattr(config, "architectures", None) or [type(model).__name__]
-    get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)  # noqa: E731
+
+    def get(*keys):
+        return _cfg(config, *keys)
+
     out.update({
         "architecture": archs[0], "model_type": config.model_type,
         "parameters": count_parameters(model),
@@ -916,7 +935,8 @@ def summary(spec: str, trust_remote_code: bool = False) -> dict:
         "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
     })
     if ref.kind in ("folder", "hub"):
-        out["dtype"] = _folder_dtype(ref.path) or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+        stored = _folder_dtype(ref.path)
+        out["dtype"] = stored or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
         out["chat_template"] = _folder_has_chat_template(ref.path)
         out["size_bytes"] = sum(f.stat().st_size for f in _weight_files(ref.path) if f.is_file())
     else:
@@ -1101,9 +1121,11 @@ def estimate_memory(config, *, batch_size: int, seq_len: int, rank: int,
     log-softmax's fp32 output over the vocabulary, and the gradients that exist at the start of the
     backward pass; ``allocator``: :data:`ALLOCATOR_ALLOWANCE` of the activations, for what the
     allocator keeps of freed blocks. ``total`` is their sum: what the step needs beyond the program
-    itself (the Python runtime and the tokenizer on the CPU, the CUDA context on a GPU). Assumes padded batches (the worst case), dropout
-    off in the base model and a batch of ``batch_size`` sequences of ``seq_len`` tokens.
-    benchmarks/memory_estimate.py compares it with real steps.
+    itself (the Python runtime and the tokenizer on the CPU, the CUDA context on a GPU).
+
+    Assumes padded batches (the worst case), dropout off in the base model, and a batch of
+    ``batch_size`` sequences of ``seq_len`` tokens. benchmarks/memory_estimate.py compares it with
+    real steps: within 17% of the RSS peak of the bundled default on the CPU in fp32.
     """
     return _estimate(config, batch_size=batch_size, seq_len=seq_len, rank=rank, targets=targets,
                      precision=precision, gradient_checkpointing=gradient_checkpointing)

@@ -342,6 +342,14 @@ def test_load_model_on_a_tiny_checkpoint(checkpoint):
     assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
 
 
+def test_folder_without_tokenizer(checkpoint):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (checkpoint / name).unlink(missing_ok=True)
+    with pytest.raises(StudioError, match="has no tokenizer files") as e:
+        models.load_tokenizer(str(checkpoint))
+    assert "\n" not in str(e.value)
+
+
 def test_pad_token_is_not_eos_when_another_token_can_pad():
     from transformers import PreTrainedTokenizerFast
 
