@@ -620,14 +620,16 @@ def fingerprint_warning(adapter: AdapterFiles, model: nn.Module) -> str | None:
 
 
 def load_adapter(model: nn.Module, folder: str | Path | AdapterFiles, name: str = "default", *,
-                 activate: bool = True) -> AdapterFiles:
+                 activate: bool = True, trainable: bool = False) -> AdapterFiles:
     """Put the adapter in ``folder`` (or an :class:`AdapterFiles`) onto ``model`` as adapter ``name``.
 
     Returns the adapter with module names as in ``model`` (see :func:`align_to`).
     Every tensor's shape is checked against the model before anything is injected; the first problem
     is raised, naming the module, the expected and the found shape. Injection is then all or nothing.
-    The new matrices are in fp32 and require grad (so training can resume from them); the base
-    weights' ``requires_grad`` is left as it was. With ``activate`` the adapter joins the active ones.
+    The new matrices are in fp32; they require grad only with ``trainable`` (as PEFT's
+    ``is_trainable``: a loaded adapter is for inference unless asked otherwise, so forward passes
+    build no autograd graph for it). The base weights' ``requires_grad`` is left as it was. With
+    ``activate`` the adapter joins the active ones.
     The global random state is left as it was (injection initialises A before the loaded values
     replace it).
     """
@@ -657,6 +659,8 @@ def load_adapter(model: nn.Module, folder: str | Path | AdapterFiles, name: str 
             layer = layers[q]
             w = layer.lora_A[name]
             layer.set_adapter_weights(name, a.to(w.device, w.dtype), b.to(w.device, w.dtype))
+            layer.lora_A[name].requires_grad_(trainable)
+            layer.lora_B[name].requires_grad_(trainable)
             if not activate and name in layer.active:
                 layer.active.remove(name)
     except BaseException:

@@ -350,3 +350,14 @@ def test_half_precision_files_load(llama, tmp_path):
     layer = dict(lora.lora_layers(model))[files.targets[0]]
     assert layer.lora_A["default"].dtype == torch.float32  # trained and applied in fp32
     torch.testing.assert_close(layer.lora_A["default"], files.tensors[files.targets[0]][0].float())
+
+
+def test_loaded_adapters_are_frozen_unless_trainable(llama, tmp_path):
+    adapter.save_adapter(_ours(llama, "attention-qv"), tmp_path / "ad", base_model="tiny")
+    model = copy.deepcopy(llama).requires_grad_(False)
+    adapter.load_adapter(model, tmp_path / "ad")
+    assert not any(p.requires_grad for p in model.parameters())
+    adapter.load_adapter(model, tmp_path / "ad", "task", trainable=True)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora.lora_parameters(model, ["task"]))
+    assert all(".lora_A.task" in k or ".lora_B.task" in k for k in trainable)
