@@ -435,3 +435,33 @@ def test_merge_does_not_make_other_adapters_look_foreign(qtbot, page, setup):
     entry = page.import_path(str(exported))
     wait_idle(qtbot, page)
     assert page.model.compat[entry.id].ok and not page.model.compat[entry.id].warnings
+
+
+def test_playground_puts_a_library_adapter_on_the_model_when_chosen(qtbot, page, setup):
+    from studio.pages.playground import PlaygroundPage
+
+    load(qtbot, page, setup)
+    model = setup["loaded"].model
+    play = PlaygroundPage(page.state)
+    qtbot.addWidget(play)
+    labels = [play.panes[1].choice.itemText(i) for i in range(play.panes[1].choice.count())]
+    assert "library: mlp-wide" in labels and "library: qv-small" in labels
+    assert play.panes[1].select_adapter(setup["entries"]["mlp-wide"].id)
+    play.greedy.setChecked(True)
+    play.max_tokens.setValue(10)
+    with qtbot.waitSignal(page.state.loaded_changed, timeout=60_000):
+        play.generate_button.click()
+    qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
+    mlp = setup["entries"]["mlp-wide"].id
+    assert mlp in lora.adapter_names(model) and lora.active_adapters(model) == []  # loaded, left inactive
+    assert page.model.on_model[mlp] == "loaded"  # the Library heard of it
+    assert play.panes[1].choice.currentText() == "adapter: mlp-wide"
+    assert play.results[0].token_ids != play.results[1].token_ids
+    # an adapter that does not fit is refused with one clear message, and the model is left alone
+    errors = []
+    page.state.error.connect(errors.append)
+    assert play.panes[0].select_adapter(setup["entries"]["other-arch"].id)
+    play.generate_button.click()
+    qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
+    assert errors and "does not fit" in errors[0]
+    assert setup["entries"]["other-arch"].id not in lora.adapter_names(model)

@@ -58,11 +58,11 @@ def _run(qtbot, page):
 def test_base_and_adapter_answers_stream_side_by_side(qtbot, page):
     loaded = _load(qtbot, page)
     assert page.generate_button.isEnabled()
-    assert "no adapter yet" in page.availability.text()
+    assert "No adapter yet" in page.availability.text()
     _add_adapter(loaded.model)
     page.state.library_changed.emit()  # what the Library page says after applying an adapter
     assert [page.panes[1].choice.itemText(i) for i in range(page.panes[1].choice.count())] == [BASE, "adapter: tuned"]
-    assert page.panes[0].selected() is None and page.panes[1].selected() == "tuned"
+    assert page.panes[0].selected() is None and page.panes[1].selected()["name"] == "tuned"
 
     page.greedy.setChecked(True)
     page.max_tokens.setValue(12)
@@ -89,8 +89,9 @@ def test_two_adapters_and_streamed_pieces(qtbot, page):
     _add_adapter(loaded.model, "one", seed=1)
     _add_adapter(loaded.model, "two", seed=2)
     page.refresh()
-    page.panes[0].choice.setCurrentIndex(page.panes[0].choice.findData("one"))
-    page.panes[1].choice.setCurrentIndex(page.panes[1].choice.findData("two"))
+    assert page.panes[0].select_adapter("one") and page.panes[1].select_adapter("two")
+    page.refresh()  # a refresh keeps what the user chose
+    assert page.panes[0].selected()["name"] == "one" and page.panes[1].selected()["name"] == "two"
     page.greedy.setChecked(True)
     page.max_tokens.setValue(10)
     pieces: dict[int, list[str]] = {0: [], 1: []}

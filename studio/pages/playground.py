@@ -1,8 +1,10 @@
 """Playground: one prompt, two answers side by side (the base model and an adapter, or any two).
 
 The model is the one loaded in the session (``state.loaded``); each pane names what answers: "Base
-model" (no adapter active, through ``core.lora.set_active_adapters(model, [])``) or one of the
-adapters on the model (applied from the Library). Both answers are generated one after the other
+model" (no adapter active, through ``core.lora.set_active_adapters(model, [])``), one of the
+adapters on the model, or any adapter of the library (put on the model with
+``core.adapter.load_adapter`` under its library id when first used, as the Library's Apply does, so
+the adapter just trained is one click away). Both answers are generated one after the other
 in one worker (they share the model, so they cannot run at once), streamed token by token by
 :mod:`core.generate`; Stop ends the current answer within one token. Generation never runs while
 the model trains: the Generate button is disabled with the reason, and a running generation is
@@ -27,23 +29,31 @@ DEFAULT_PROMPT = "Two large oat milk lattes with an extra shot, please."
 (the order as JSON) and the base model's (a chat reply) differ at a glance."""
 
 
-def generate_answers(model, tokenizer, prompt: str, choices: list[str | None], settings: dict, *,
+def generate_answers(model, tokenizer, prompt: str, choices: list[dict | None], settings: dict, *,
                      progress, cancelled) -> list:
-    """Runs in the worker thread: answer ``prompt`` once per choice (None = base model, else an
-    adapter name), in order, restoring the model's active adapters afterwards.
+    """Runs in the worker thread: answer ``prompt`` once per choice, in order, restoring the model's
+    active adapters afterwards.
 
-    Progress items: ``("start", i)``, ``("token", i, piece)``, ``("done", i, Generation)``.
+    A choice is None (the base model) or ``{"name": adapter name on the model, "folder": library
+    folder or None}``; an adapter not on the model yet is loaded from its folder first (its shapes
+    are checked before the model is touched). Progress items: ``("loaded", name)``, ``("start", i)``,
+    ``("token", i, piece)``, ``("done", i, Generation)``.
     """
+    from core import adapter as adapter_io
     from core import lora
     from core.generate import generate_with_details
 
+    for choice in choices:
+        if choice is not None and choice["name"] not in lora.adapter_names(model):
+            adapter_io.load_adapter(model, choice["folder"], name=choice["name"], activate=False)
+            progress(("loaded", choice["name"]))
     saved = lora.active_adapters(model)
     results = []
     try:
         for i, choice in enumerate(choices):
             if cancelled():
                 break
-            lora.set_active_adapters(model, [] if choice is None else [choice])
+            lora.set_active_adapters(model, [] if choice is None else [choice["name"]])
             progress(("start", i))
             g = generate_with_details(model, tokenizer, prompt, stop=cancelled,
                                       on_token=lambda piece, i=i: progress(("token", i, piece)), **settings)
@@ -54,14 +64,19 @@ def generate_answers(model, tokenizer, prompt: str, choices: list[str | None], s
     return results
 
 
-def library_names() -> dict[str, str]:
-    """Library entry names by id: the Library puts an adapter on the model under its id."""
+def library_entries() -> list:
+    """The library's entries, newest first (empty when the library cannot be read)."""
     try:
         from core.library import Library
 
-        return {e.id: e.name for e in Library().entries()}
-    except Exception:  # noqa: BLE001 - names are a nicety; the ids still work
-        return {}
+        return Library().entries()
+    except Exception:  # noqa: BLE001 - the playground still works with what is on the model
+        return []
+
+
+def library_names() -> dict[str, str]:
+    """Library entry names by id: the Library puts an adapter on the model under its id."""
+    return {e.id: e.name for e in library_entries()}
 
 
 def load_session_model(spec: str, device: str, precision: str, trust: bool, *, progress):
@@ -82,6 +97,8 @@ class AnswerPane(QFrame):
         self.choice = QComboBox()
         self.choice.setMinimumWidth(200)
         self.choice.setToolTip("What answers: the base model alone, or the base model with one of its adapters")
+        self.user_pick: str | None = None  # what the user chose (an adapter name, or BASE)
+        self.choice.activated.connect(self._picked)
         self.text = QPlainTextEdit()
         self.text.setReadOnly(True)
         self.text.setPlaceholderText("The answer appears here as it is generated.")
@@ -99,20 +116,54 @@ class AnswerPane(QFrame):
         lay.addWidget(self.text, 1)
         lay.addWidget(self.stats)
 
-    def set_choices(self, adapters: list[str], preferred: str | None, labels: dict[str, str] | None = None) -> None:
-        """``adapters``: names on the model; ``labels``: what to call them (library names by id)."""
-        current = self.choice.currentData() if self.choice.count() else preferred
+    def set_choices(self, on_model: list[str], library: list, preferred: str | None) -> None:
+        """``on_model``: adapter names on the model; ``library``: entries (shown by name; those not on
+        the model yet are loaded when used). What the user picked stays picked; else ``preferred``."""
+        names = {e.id: e.name for e in library}
         self.choice.blockSignals(True)
         self.choice.clear()
         self.choice.addItem(BASE, None)
-        for name in adapters:
-            self.choice.addItem(f"adapter: {(labels or {}).get(name, name)}", name)
-        want = current if current in adapters else (preferred if preferred in adapters else None)
-        self.choice.setCurrentIndex(max(0, self.choice.findData(want)) if want else 0)
+        for name in on_model:
+            self.choice.addItem(f"adapter: {names.get(name, name)}", {"name": name, "folder": None})
+        others = [e for e in library if e.id not in on_model]
+        if others:
+            self.choice.insertSeparator(self.choice.count())
+            for e in others:
+                self.choice.addItem(f"library: {e.name}", {"name": e.id, "folder": str(e.path)})
+                self.choice.setItemData(self.choice.count() - 1, "Put on the model from the library when generating",
+                                        Qt.ItemDataRole.ToolTipRole)
+        want = self.user_pick if self.user_pick is not None else preferred
+        if not self._find(want):
+            self._find(preferred)
         self.choice.blockSignals(False)
 
-    def selected(self) -> str | None:
-        return self.choice.currentData()
+    def _find(self, name: str | None) -> bool:
+        """Make ``name`` (an adapter, or BASE / None for the base model) current; False if absent."""
+        if name is None or name == BASE:
+            self.choice.setCurrentIndex(0)
+            return True
+        for i in range(self.choice.count()):
+            data = self.choice.itemData(i)
+            if isinstance(data, dict) and data["name"] == name:
+                self.choice.setCurrentIndex(i)
+                return True
+        return False
+
+    def _picked(self, index: int) -> None:
+        data = self.choice.itemData(index)
+        self.user_pick = data["name"] if isinstance(data, dict) else BASE
+
+    def selected(self) -> dict | None:
+        data = self.choice.currentData()
+        return data if isinstance(data, dict) else None
+
+    def select_adapter(self, name: str | None) -> bool:
+        """Choose, as the user would, the adapter ``name`` on the model or in the library (None: the
+        base model); False when there is no such choice."""
+        found = self._find(name)
+        if found:
+            self._picked(self.choice.currentIndex())
+        return found
 
     def clear(self) -> None:
         self.text.clear()
@@ -139,6 +190,7 @@ class PlaygroundPage(Page):
         self.worker: workers.Worker | None = None
         self.load_worker: workers.Worker | None = None
         self.results: list = []
+        self.loaded_adapters = False
 
         # -- the prompt ---------------------------------------------------------------------------
         self.prompt = QPlainTextEdit()
@@ -239,28 +291,31 @@ class PlaygroundPage(Page):
         loaded = self.state.loaded
         adapters: list[str] = []
         merged: list[str] = []
+        library = library_entries()
         if loaded is not None:
             from core import lora
 
             adapters = lora.adapter_names(loaded.model)
             merged = lora.merged_adapters(loaded.model)
             active = lora.active_adapters(loaded.model)
-            labels = library_names() if adapters else {}
-            self.panes[0].set_choices(adapters, None, labels)
-            self.panes[1].set_choices(adapters, (active or adapters or [None])[0], labels)
+            # B defaults to the active adapter, else the newest of the library (the one just trained)
+            preferred = (active or adapters or [e.id for e in library] or [None])[0]
+            self.panes[0].set_choices(adapters, library, None)
+            self.panes[1].set_choices(adapters, library, preferred)
+            labels = {e.id: e.name for e in library}
             merged = [labels.get(n, n) for n in merged]
         else:
             for p in self.panes:
-                p.set_choices([], None)
+                p.set_choices([], [], None)
         busy = self.worker is not None
         reason = ""
         if loaded is None:
             reason = "No model is loaded: load the model chosen on the Model page to generate."
         elif self.state.training:
             reason = "The model is training; generation is available again when the run ends."
-        elif not adapters:
-            reason = ("The model has no adapter yet: both answers come from the base model. Apply an "
-                      "adapter in the Library (or train one) to compare.")
+        elif not adapters and not library:
+            reason = ("No adapter yet: both answers come from the base model. Train one on the Train page "
+                      "(or import one in the Library) to compare.")
         if merged:
             reason += (" " if reason else "") + (f"Merged into the weights: {', '.join(merged)}; "
                                                  "“Base model” includes it until you unmerge it in the Library.")
@@ -362,7 +417,11 @@ class PlaygroundPage(Page):
             self.worker.cancel()
 
     def _on_progress(self, item) -> None:
-        kind, i = item[0], item[1]
+        kind = item[0]
+        if kind == "loaded":
+            self.loaded_adapters = True
+            return
+        i = item[1]
         pane = self.panes[i]
         if kind == "start":
             pane.stats.setText("generating…")
@@ -392,6 +451,9 @@ class PlaygroundPage(Page):
 
     def _on_done(self) -> None:
         self.worker = None
+        if self.loaded_adapters:  # adapters went onto the model: the Library shows them as on it
+            self.loaded_adapters = False
+            self.state.loaded_changed.emit(self.state.loaded)
         self.refresh()
 
     # -- window hooks -----------------------------------------------------------------------------
