@@ -465,3 +465,11 @@ def test_playground_puts_a_library_adapter_on_the_model_when_chosen(qtbot, page,
     qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
     assert errors and "does not fit" in errors[0]
     assert setup["entries"]["other-arch"].id not in lora.adapter_names(model)
+
+
+def test_delete_key_moves_the_selection_to_the_trash(qtbot, page, setup):
+    page.select_name("qv-other")
+    page.table.setFocus()
+    qtbot.keyClick(page.table, Qt.Key.Key_Delete)
+    assert "qv-other" not in names_in_view(page)
+    assert [e.name for e in Library().trash()] == ["qv-other"]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, QTimer
-from PySide6.QtGui import QAction, QColor, QPalette
+from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QButtonGroup, QComboBox, QDialog,
                                QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
                                QHBoxLayout, QHeaderView, QInputDialog, QLabel, QLineEdit, QMenu,
@@ -573,9 +573,15 @@ class LibraryPage(Page):
                   self.rename_button, self.delete_button):
             library_actions.addWidget(b)
         library_actions.addStretch(1)
-        for b in (self.apply_button, self.merge_button, self.rename_button, self.delete_button):
+        # the table's context menu, with the usual keys for rename (F2) and delete (Del)
+        for b, key in ((self.apply_button, None), (self.merge_button, None), (self.export_button, None),
+                       (self.rename_button, QKeySequence(Qt.Key.Key_F2)),
+                       (self.delete_button, QKeySequence(QKeySequence.StandardKey.Delete))):
             act = QAction(b.text().rstrip("…"), self.table)
-            act.triggered.connect(b.click)
+            act.triggered.connect(b.click)  # a disabled button ignores click(): same rules as the buttons
+            if key is not None:
+                act.setShortcut(key)
+                act.setShortcutContext(Qt.ShortcutContext.WidgetShortcut)
             self.table.addAction(act)
 
         self.job_bar = QProgressBar()
