@@ -36,10 +36,18 @@ def _add_model(path: str):
     return models.list_models()
 
 
-def _estimate(config, kwargs):
+def _estimate(config, kwargs, device: str):
     from core import models
 
-    return models.estimate_memory(config, **kwargs)
+    # "auto" precision means what training would pick on this device (bf16 on a recent CUDA card,
+    # fp32 on the CPU): ask core the same question the trainer asks.
+    if kwargs["precision"] == "auto":
+        kwargs = dict(kwargs, precision=models.pick_dtype(models.pick_device(device), "auto"))
+    mem = models.estimate_memory(config, **kwargs)
+    mem = dict(mem)
+    mem["precision"] = models.precision_name(kwargs["precision"]) if not isinstance(kwargs["precision"], str) \
+        else kwargs["precision"]
+    return mem
 
 
 def _load(spec, device, precision, trust, *, progress, cancelled):
@@ -364,15 +372,8 @@ class ModelPage(Page):
     def _estimate_args(self) -> dict:
         c = self.state.config
         return dict(batch_size=c.train.batch_size, seq_len=c.data.max_length, rank=c.lora.rank,
-                    targets=c.lora.targets, precision=self._precision_for_estimate(),
+                    targets=c.lora.targets, precision=c.model.precision,
                     gradient_checkpointing=c.model.gradient_checkpointing)
-
-    def _precision_for_estimate(self) -> str:
-        p = self.state.config.model.precision
-        if p != "auto":
-            return p
-        d = self.state.config.model.device
-        return "fp32" if d in ("cpu", "auto") else "bf16"
 
     def _start_estimate(self) -> None:
         info = self.state.model_info
@@ -381,7 +382,7 @@ class ModelPage(Page):
         if self._estimate_worker is not None:
             self._estimate_pending = True  # one at a time; the latest settings win
             return
-        w = workers.FunctionWorker(_estimate, info.config, self._estimate_args())
+        w = workers.FunctionWorker(_estimate, info.config, self._estimate_args(), self.state.config.model.device)
         self._estimate_worker = w
         w.finished.connect(self._show_memory)
         w.failed.connect(self._memory_failed)
@@ -401,7 +402,7 @@ class ModelPage(Page):
         c = self.state.config
         self.memory_note.setText(
             f"batch {c.train.batch_size} × {c.data.max_length} tokens, r = {c.lora.rank}, "
-            f"{self._precision_for_estimate()}{', checkpointing' if c.model.gradient_checkpointing else ''}. "
+            f"{mem.get('precision', '')}{', checkpointing' if c.model.gradient_checkpointing else ''}. "
             "Peak of one step beyond the program itself.")
 
     def _memory_failed(self, message: str) -> None:

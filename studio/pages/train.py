@@ -313,9 +313,8 @@ class TrainPage(Page):
         self.events = 0
         if resume_dir is None:
             self.plot.clear()
-        total = cfg.train.steps or 0
-        self.progress.setRange(0, max(1, total))
-        self.progress.setValue(0)
+        self.progress.setRange(0, 0)  # busy: loading the model and tokenising come first
+        self.progress.setFormat("starting…")
         for lab in (self.eta_label, self.speed_label, self.loss_label, self.memory_label):
             lab.setText("–")
         self.folder_label.setText(f"Run folder: {self.run_dir}")
@@ -360,6 +359,7 @@ class TrainPage(Page):
             total = max(1, int(ev.total_steps or 1))
             if self.progress.maximum() != total:
                 self.progress.setRange(0, total)
+                self.progress.setFormat("%v / %m steps")
             self.progress.setValue(min(int(ev.step), total))
             if ev.loss is not None:
                 smooth = self.plot.last_smoothed()
@@ -375,6 +375,13 @@ class TrainPage(Page):
             self.plot.add_eval(ev.step, ev.eval_loss)
         elif kind == "StatusEvent":
             text = ev.message or ev.kind
+            if ev.kind in ("loading", "tokenizing") and self.plot.steps_received == 0:
+                if ev.fraction is None:
+                    self.progress.setRange(0, 0)  # busy until the first step
+                else:
+                    self.progress.setRange(0, 1000)
+                    self.progress.setValue(int(1000 * ev.fraction))
+                self.progress.setFormat(text)
             if ev.kind == "paused":
                 self.pause_button.setText("Resume")
                 if self.worker is not None:
@@ -411,6 +418,10 @@ class TrainPage(Page):
 
     def _on_done(self) -> None:
         self.worker = None
+        if self.progress.maximum() == 0:  # ended before its first step
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+            self.progress.setFormat("%v / %m steps")
         self._set_running(False)
         self.state.set_training(False)
         self.refresh_runs()
