@@ -1,7 +1,8 @@
 """The Library page over a real core.library with adapters made by core.lora + core.adapter on a tiny
 checkpoint: listing, search, sort, notes, rename, delete and undo, apply/swap/merge/unmerge (checked
 on the model's logits), an incompatible adapter greyed and refused, combine, export, import, and the
-ΔW analysis. Offscreen; dialogs are answered through the page's ask_* hooks."""
+ΔW analysis; Compare runs; and the whole flow from the Train page through the Library to a merged
+export and the Playground. Offscreen; dialogs are answered through the page's ask_* hooks."""
 
 from __future__ import annotations
 
@@ -473,3 +474,75 @@ def test_delete_key_moves_the_selection_to_the_trash(qtbot, page, setup):
     qtbot.keyClick(page.table, Qt.Key.Key_Delete)
     assert "qv-other" not in names_in_view(page)
     assert [e.name for e in Library().trash()] == ["qv-other"]
+
+
+# -- the whole flow through the window ---------------------------------------------------------------
+
+def test_trained_adapter_goes_from_the_train_page_to_library_merge_export_and_playground(qtbot, checkpoint,
+                                                                                          tmp_path):
+    """Train a few steps from the window; the adapter appears in the Library, which loads the model,
+    applies and merges it and exports the merged model; the Playground answers with it and without."""
+    from studio.app import MainWindow
+
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(24)]
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    w = MainWindow(background=False)
+    qtbot.addWidget(w)
+    w.show()
+    state = w.state
+    with qtbot.waitSignal(state.tokenizer_changed, timeout=120_000, check_params_cb=lambda t: t is not None):
+        w.page("model").choose(str(checkpoint))
+    state.config.model.device = "cpu"
+    state.config.data.path, state.config.data.max_length = str(data_file), 64
+    state.config.lora.targets, state.config.lora.rank = "attention-qv", 4
+    t = state.config.train
+    t.steps, t.batch_size, t.lr, t.save_every, t.warmup = 6, 4, 1e-2, 0, 0
+    state.changed("all")
+    train = w.page("train")
+    train._sync_from_config()
+    train.steps.setValue(6)
+    assert train.start(cfg=None)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: getattr(train, "last_adopted", None) is not None, timeout=60_000)
+
+    library = w.page("library")
+    w.show_page("library")
+    assert len(library.model.entries) == 1
+    entry = library.model.entries[0]
+    assert entry.rank == 4 and len(entry.loss_curve) == 6
+    library.select_ids([entry.id])
+    assert library.curve.final_losses()[entry.name] == pytest.approx(entry.loss_curve[-1][1])
+    library.load_model()
+    qtbot.waitUntil(lambda: state.loaded is not None, timeout=120_000)
+    wait_idle(qtbot, library)
+    assert library.model.compat[entry.id].ok
+    model = state.loaded.model
+    base = logits(model)
+    library.apply_button.click()
+    wait_idle(qtbot, library)
+    tuned = logits(model)
+    assert not torch.allclose(base, tuned, atol=1e-4)
+    library.merge_button.click()
+    wait_idle(qtbot, library)
+    torch.testing.assert_close(logits(model), tuned, atol=1e-4, rtol=0)
+
+    out = tmp_path / "merged"
+    library.ask_save_path = lambda *a: (str(out), False)
+    library.export_merged_button.click()
+    wait_idle(qtbot, library, timeout=120_000)
+    from transformers import AutoModelForCausalLM
+
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval()), tuned, atol=1e-4, rtol=0)
+    library.unmerge_button.click()
+    wait_idle(qtbot, library)
+
+    play = w.page("playground")
+    w.show_page("playground")
+    assert play.panes[1].selected()["name"] == entry.id
+    play.greedy.setChecked(True)
+    play.max_tokens.setValue(12)
+    play.generate_button.click()
+    qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
+    assert len(play.results) == 2 and all(p.stats.text().endswith(("turn", "limit")) for p in play.panes)
+    w.close()
