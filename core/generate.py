@@ -199,7 +199,10 @@ def generate_with_details(model: nn.Module, tokenizer, prompt, *, max_new_tokens
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # no_grad rather than inference_mode: inference tensors may not be used outside inference mode
+        # later, and a layer may keep a tensor of a call (core.lora's shared-input cache keeps x and
+        # reads its version counter, which inference tensors do not have); the gain is negligible here
+        with torch.no_grad():
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)
             cache_kw, keep_kw = _cache_keywords(model)
             extra = {"logits_to_keep": 1} if keep_kw else {}
