@@ -106,6 +106,111 @@ class _LoRAFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+# Layers that read the same input inside one block: their adapters' A can be applied in one GEMM.
+# Grouping is by name (same parent module, same in_features); that they really get the same tensor
+# is checked at run time, call by call (see _SharedInput), so a wrong guess only costs the fusion.
+SHARED_INPUT_SETS = (
+    {"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {"q", "k", "v"},
+    {"gate_proj", "up_proj"}, {"w1", "w3"},
+)
+FUSE_SHARED_INPUT = True
+"""Whether sibling layers fed the same input compute their adapters' x·Aᵀ as one GEMM (exact to
+rounding; measured in benchmarks/README.md). Off gives the per-layer path, for comparisons."""
+
+
+class _SharedAFunction(torch.autograd.Function):
+    """[A_1; A_2; ...]·xᵀ for adapters on layers that share the input x: one GEMM instead of one each.
+
+    Backward: one GEMM for the gradient of the stacked A's and one for x's share, where the
+    per-layer path runs one of each per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a_cat):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, a_cat)
+        ctx.shape = x.shape
+        return a_cat @ x2.t()  # (Σr, N)
+
+    @staticmethod
+    def backward(ctx, g_t):
+        x2, a_cat = ctx.saved_tensors
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g_t.t() @ a_cat).reshape(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_a = g_t @ x2
+        return grad_x, grad_a
+
+
+class _LoRABFunction(torch.autograd.Function):
+    """base(x) + s·(A·xᵀ)ᵀ·Bᵀ where A·xᵀ (r × N) comes from :class:`_SharedAFunction`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, xa_t, lora_b, scaling: float, transposed: bool):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if transposed:
+            out = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+        else:
+            out = F.linear(x2, weight, bias)
+        out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lora_b, xa_t)
+        ctx.scaling, ctx.transposed, ctx.shape = scaling, transposed, shape
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, lora_b, xa_t = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_xa = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ (weight.t() if ctx.transposed else weight)).reshape(ctx.shape)
+        if ctx.needs_input_grad[3]:
+            grad_xa = (lora_b.t().contiguous() @ g.t()).mul_(s)  # (r, N)
+        if ctx.needs_input_grad[4]:
+            grad_b = (xa_t @ g).mul_(s).t()
+        return grad_x, None, None, grad_xa, grad_b, None, None
+
+
+class _SharedInput:
+    """The layers of one shared-input set in one block, and the x·Aᵀ of the current call.
+
+    The first member called with a tensor x computes the stacked A·xᵀ for every member able to use
+    it (one active, unmerged adapter of the same name, no dropout, same dtype) and hands each its
+    rows; the others take theirs if they are called with the very same tensor (``is`` and an
+    unchanged version counter), else they fall back to the per-layer path. The reference to x is
+    dropped as soon as every member has taken its rows.
+    """
+
+    def __init__(self, members):
+        self.members = list(members)
+        self.x = None
+        self.version = -1
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def rows_for(self, layer, x, name):
+        if self.x is not x or self.version != x._version:
+            self.x, self.rows = None, {}
+            use = [m for m in self.members if m._fusable(x, name)]
+            if len(use) < 2 or layer not in use:
+                return None
+            a_cat = torch.cat([m.lora_A[name] for m in use])
+            xa_t = _SharedAFunction.apply(x, a_cat)
+            start = 0
+            for m in use:
+                r = m.lora_A[name].shape[0]
+                self.rows[id(m)] = xa_t[start:start + r]
+                start += r
+            self.x, self.version = x, x._version
+        rows = self.rows.pop(id(layer), None)
+        if not self.rows:
+            self.x = None
+        return rows
+
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear/Conv1D plus any number of named low-rank adapters.
 
@@ -134,6 +239,7 @@ class LoRALinear(nn.Module):
         self.dropout_p: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
+        self._shared: _SharedInput | None = None  # set by inject_adapter for q/k/v, gate/up, ...
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0,
@@ -228,20 +334,28 @@ class LoRALinear(nn.Module):
         self.merged.remove(name)
 
     # -- forward ---------------------------------------------------------------------------------
+    def _fusable(self, x: torch.Tensor, name: str) -> bool:
+        """Whether the fused path (one adapter ``name``, no dropout, frozen base) applies to ``x``."""
+        names = [n for n in self.active if n not in self.merged]
+        if names != [name]:
+            return False
+        w, bias, a = self.base_layer.weight, self.base_layer.bias, self.lora_A[name]
+        p = self.dropout_p[name] if self.training else 0.0
+        return (p == 0.0 and not w.requires_grad and (bias is None or not bias.requires_grad)
+                and x.dtype == w.dtype == a.dtype and not torch.is_autocast_enabled(x.device.type))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = [n for n in self.active if n not in self.merged]
         if not names:
             return self.base_layer(x)
-        w = self.base_layer.weight
-        if len(names) == 1:
+        if len(names) == 1 and self._fusable(x, names[0]):
             n = names[0]
-            a, b = self.lora_A[n], self.lora_B[n]
-            p = self.dropout_p[n] if self.training else 0.0
-            bias = self.base_layer.bias
-            frozen = not w.requires_grad and (bias is None or not bias.requires_grad)
-            if (p == 0.0 and frozen and x.dtype == w.dtype == a.dtype
-                    and not torch.is_autocast_enabled(x.device.type)):
-                return _LoRAFunction.apply(x, w, self.base_layer.bias, a, b, self.scaling[n], self.transposed)
+            w, bias, b = self.base_layer.weight, self.base_layer.bias, self.lora_B[n]
+            if self._shared is not None and FUSE_SHARED_INPUT:
+                rows = self._shared.rows_for(self, x, n)
+                if rows is not None:
+                    return _LoRABFunction.apply(x, w, bias, rows, b, self.scaling[n], self.transposed)
+            return _LoRAFunction.apply(x, w, bias, self.lora_A[n], b, self.scaling[n], self.transposed)
         result = self.base_layer(x)
         for n in names:
             a, b = self.lora_A[n], self.lora_B[n]
@@ -317,9 +431,28 @@ def inject_adapter(model: nn.Module, targets: Iterable[str], name: str = "defaul
             module = wrapper
         module.add_adapter(name, rank, alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
         done.append(qname)
+    _group_shared_inputs(model)
     if freeze_base:
         mark_only_lora_trainable(model, [name])
     return done
+
+
+def _group_shared_inputs(model: nn.Module) -> None:
+    """Give sibling LoRALinears that (by name) read the same input one :class:`_SharedInput`."""
+    for parent in model.modules():
+        children = {k: m for k, m in parent.named_children() if isinstance(m, LoRALinear)}
+        for m in children.values():
+            m._shared = None
+        for names in SHARED_INPUT_SETS:
+            found = [children[k] for k in sorted(names) if k in children]
+            by_width: dict[int, list[LoRALinear]] = {}
+            for m in found:
+                by_width.setdefault(m.in_features, []).append(m)
+            for group in by_width.values():
+                if len(group) > 1:
+                    shared = _SharedInput(group)
+                    for m in group:
+                        m._shared = shared
 
 
 def mark_only_lora_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
@@ -425,6 +558,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if not layer.adapters:
             parent, child = _get_parent(model, qname)
             setattr(parent, child, layer.base_layer)
+    _group_shared_inputs(model)
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:

@@ -165,3 +165,34 @@ def test_only_adapter_parameters_train(llama):
 def test_refuses_unsupported_module(llama):
     with pytest.raises(StudioError, match="Embedding"):
         lora.inject_adapter(llama, ["model.embed_tokens"])
+
+
+def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch):
+    """q/k/v (and gate/up) adapters' x·Aᵀ as one GEMM: same logits and gradients as one per layer."""
+    model = copy.deepcopy(llama)
+    lora.inject_adapter(model, targets.resolve_targets(model, "all-linear"), rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for p in lora.lora_parameters(model).values():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    x = token_batch()
+    calls = []
+    fused_apply = lora._SharedAFunction.apply
+    monkeypatch.setattr(lora._SharedAFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+
+    def run():
+        for p in model.parameters():
+            p.grad = None
+        logits = model(x).logits
+        logits.square().mean().backward()
+        return logits.detach(), {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}
+
+    fused_logits, fused_grads = run()
+    assert len(calls) == 2 * llama.config.num_hidden_layers  # q/k/v and gate/up in every block
+    monkeypatch.setattr(lora, "FUSE_SHARED_INPUT", False)
+    plain_logits, plain_grads = run()
+    assert len(calls) == 2 * llama.config.num_hidden_layers
+    torch.testing.assert_close(fused_logits, plain_logits, atol=1e-6, rtol=1e-6)
+    for k, v in plain_grads.items():
+        torch.testing.assert_close(fused_grads[k], v, atol=1e-6 * v.abs().max().item(), rtol=0, msg=k)
