@@ -127,3 +127,14 @@ def test_context_window_caps_the_answer(model_tok):
     n = len(format_prompt(tok, "fox " * 20))
     got = generate_with_details(model, tok, "fox " * 20, max_new_tokens=1000, greedy=True)
     assert len(got.token_ids) <= 128 - n
+
+
+def test_adapters_on_sibling_layers_generate(model_tok):
+    """q, k and v read the same input (core.lora may fuse their A's and keep the call's input)."""
+    model, tok = model_tok
+    lora.inject_adapter(model, [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkv"], rank=4)
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B["default"], std=1.0)
+    a = generate_with_details(model, tok, "Write a haiku", max_new_tokens=6, greedy=True)
+    b = generate_with_details(model, tok, "Write a haiku", max_new_tokens=6, greedy=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
