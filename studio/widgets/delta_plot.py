@@ -95,6 +95,31 @@ def normalise(result: Any) -> dict[str, ModuleFacts]:
     return out
 
 
+def _block(name: str) -> str | None:
+    """The block index in a module name (``model.layers.3.mlp.up_proj`` → ``3``), or None."""
+    return next((p for p in reversed(name.split(".")[:-1]) if p.isdigit()), None)
+
+
+_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "gate_proj", "up_proj", "down_proj",
+          "c_fc", "fc1", "fc2"]
+
+
+def _kind_order(kind: str) -> tuple[int, str]:
+    """Attention matrices first, then MLP ones, then the rest (lm_head...) by name."""
+    return (_KINDS.index(kind) if kind in _KINDS else len(_KINDS), kind)
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted prefix every name shares (``model.layers.``), cut at a dot."""
+    if len(names) < 2:
+        return ""
+    first, last = min(names), max(names)
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    return first[: first[:i].rfind(".") + 1]
+
+
 def _short(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` → ``3.q_proj`` (block index and matrix): axis labels."""
     parts = name.split(".")
@@ -202,13 +227,17 @@ class DeltaPlot(QWidget):
     def _fill_table(self) -> None:
         self.table.blockSignals(True)
         self.table.setRowCount(len(self.facts))
+        prefix = _common_prefix(list(self.facts))
         for row, f in enumerate(self.facts.values()):
-            cells = [f.name, "–" if f.effective_rank is None else str(f.effective_rank),
+            cells = [f.name[len(prefix):], "–" if f.effective_rank is None else str(f.effective_rank),
                      "–" if f.rank is None else str(f.rank),
                      "–" if f.norm is None else f"{f.norm:.4g}",
                      "–" if f.amplification is None else f"{f.amplification:.2f}×"]
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)
+                if col == 0:
+                    item.setData(Qt.ItemDataRole.UserRole, f.name)
+                    item.setToolTip(f.name)
                 if col:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(row, col, item)
@@ -219,10 +248,14 @@ class DeltaPlot(QWidget):
     def _table_pick(self) -> None:
         rows = self.table.selectionModel().selectedRows()
         if rows:
-            self.choose(self.table.item(rows[0].row(), 0).text())
+            self.choose(self.table.item(rows[0].row(), 0).data(Qt.ItemDataRole.UserRole))
 
     def _draw(self, *_) -> None:
         self.plot.clear()
+        legend = self.plot.getPlotItem().legend
+        if legend is not None:
+            legend.scene().removeItem(legend) if legend.scene() else None
+            self.plot.getPlotItem().legend = None
         if not self.facts:
             return
         c = palette_colors()
@@ -232,18 +265,38 @@ class DeltaPlot(QWidget):
             names = list(self.facts)
             ranks = [self.facts[n].effective_rank or 0 for n in names]
             x = np.arange(len(names))
-            self.plot.addItem(pg.BarGraphItem(x=x, height=ranks, width=0.7, brush=accent, pen=pg.mkPen(None)))
+            # one colour per kind of matrix (q_proj, up_proj, ...), so a glance shows where rank went
+            kinds = sorted(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names), key=_kind_order)
+            palette = list(c["series"]) + [QColor("#7F7F7F"), QColor("#8C564B"), QColor("#BCBD22")]
+            colors = {k: QColor(palette[i % len(palette)]) for i, k in enumerate(kinds)}
+            brushes = [colors[n.rsplit(".", 1)[-1]] for n in names]
+            self.plot.addItem(pg.BarGraphItem(x=x, height=ranks, width=0.8, brushes=brushes, pen=pg.mkPen(None)))
+            if len(kinds) > 1:  # one row above the bars (the y range leaves room for it)
+                legend = self.plot.addLegend(offset=(10, 2), labelTextColor=c["foreground"],
+                                             colCount=min(len(kinds), 5))
+                for k in kinds:
+                    legend.addItem(pg.ScatterPlotItem(symbol="s", size=10, brush=colors[k], pen=pg.mkPen(None)), k)
             full = [self.facts[n].rank for n in names if self.facts[n].rank]
+            top = max(ranks + full + [1])
+            rows_of_legend = 0 if len(kinds) <= 1 else -(-len(kinds) // 5)
             if full:
                 line = pg.InfiniteLine(pos=max(full), angle=0, pen=pg.mkPen(c["muted"], style=Qt.PenStyle.DashLine),
                                        label=f"r = {max(full)}", labelOpts={"color": c["foreground"], "position": 0.95})
                 self.plot.addItem(line)
-            step = max(1, len(names) // 16)
-            self.plot.getAxis("bottom").setTicks([[(i, _short(names[i])) for i in range(0, len(names), step)]])
-            self.plot.setLabel("bottom", "matrix")
+            blocks = [_block(n) for n in names]
+            if len(names) <= 8 or not any(b is not None for b in blocks):
+                step = max(1, len(names) // 8)
+                ticks = [(i, _short(names[i])) for i in range(0, len(names), step)]
+                self.plot.setLabel("bottom", "matrix")
+            else:  # many matrices: mark where each block starts, at most ~12 labels
+                starts = [i for i, b in enumerate(blocks) if b is not None and (i == 0 or blocks[i - 1] != b)]
+                step = max(1, -(-len(starts) // 12))
+                ticks = [(i - 0.5, blocks[i]) for i in starts[::step]]
+                self.plot.setLabel("bottom", "block")
+            self.plot.getAxis("bottom").setTicks([ticks])
             self.plot.setLabel("left", "effective rank")
-            self.plot.setLogMode(y=False)
             self.plot.enableAutoRange()
+            self.plot.setYRange(0, top * (1.15 + 0.12 * rows_of_legend), padding=0)
             return
         f = self.facts[module]
         sv = np.asarray(f.singular_values, dtype=np.float64)
