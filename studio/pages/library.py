@@ -1261,7 +1261,7 @@ class LibraryPage(Page):
 
     def _ask_save_path(self, title: str, suggestion: str, zip_option: str) -> tuple[str, bool] | None:
         """A new path to write; with ``zip_option`` the user may pick a zip instead of a folder."""
-        filters = "Adapter folder (*)" if not zip_option else "PEFT adapter folder (*);;Zip archive (*.zip)"
+        filters = "New folder (*)" if not zip_option else "PEFT adapter folder (*);;Zip archive (*.zip)"
         path, chosen = QFileDialog.getSaveFileName(self, title, suggestion, filters)
         if not path:
             return None
