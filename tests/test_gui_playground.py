@@ -140,3 +140,25 @@ def test_settings_round_trip(qtbot, page, tmp_path):
     assert other.prompt.toPlainText() == "hello there"
     assert other.max_tokens.value() == 77 and other.greedy.isChecked()
     assert not other.temperature.isEnabled()
+
+
+def test_thousands_of_streamed_tokens_do_not_exhaust_true(qtbot):
+    """PySide6 6.12 on Python 3.11 drops a reference to True on every Signal.emit; without
+    studio.refcount_guard a few hundred streamed tokens abort the interpreter."""
+    import sys
+
+    from PySide6.QtCore import QObject, Signal
+
+    import studio.refcount_guard as guard
+
+    class Emitter(QObject):
+        piece = Signal(object)
+
+    e = Emitter()
+    got = []
+    e.piece.connect(got.append)
+    for i in range(5000):
+        e.piece.emit(("token", 0, "x"))
+    assert len(got) == 5000
+    if sys.version_info < (3, 12):
+        assert guard.apply() and sys.getrefcount(True) > guard.BOOST // 2
