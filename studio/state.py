@@ -156,6 +156,7 @@ class StudioState(QObject):
                 self._tok_worker = None
                 self.tokenizer = result
                 self.tokenizer_changed.emit(result)
+                self.message.emit("model ready")
 
         def on_fail(msg, w=tok):
             if w is self._tok_worker:

@@ -162,12 +162,16 @@ class LayersPage(Page):
             b_item.setFlags(tristate)
             b_item.setCheckState(0, Qt.CheckState.Unchecked)
             b_item.setToolTip(0, f"{count} adaptable modules")
+            for col in (2, 3):
+                b_item.setTextAlignment(col, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.tree.addTopLevelItem(b_item)
             for group, mods in groups.items():
                 g_item = QTreeWidgetItem([GROUP_TEXT.get(group, group), "",
                                           format_count(sum(t.params for t in mods)), ""])
                 g_item.setFlags(tristate)
                 g_item.setCheckState(0, Qt.CheckState.Unchecked)
+                for col in (2, 3):
+                    g_item.setTextAlignment(col, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 b_item.addChild(g_item)
                 for t in mods:
                     leaf = t.name.split(".")[-1]
@@ -305,8 +309,20 @@ class LayersPage(Page):
         b = budget(info.meta, names, r)
         self.budget = b
         by_name = {t.name: t for t in info.targets}
+        chosen = set(names)
         for name, item in self.leaves.items():
-            item.setText(3, f"{by_name[name].lora_params(r):,}" if name in set(names) else "")
+            item.setText(3, f"{by_name[name].lora_params(r):,}" if name in chosen else "")
+        # Blocks and groups show their share, so a collapsed tree still says where the adapter sits.
+        for i in range(self.tree.topLevelItemCount()):
+            block = self.tree.topLevelItem(i)
+            block_sum = 0
+            for j in range(block.childCount()):
+                group = block.child(j)
+                n = sum(by_name[group.child(k).data(0, NAME_ROLE)].lora_params(r)
+                        for k in range(group.childCount()) if group.child(k).data(0, NAME_ROLE) in chosen)
+                group.setText(3, format_count(n) if n else "")
+                block_sum += n
+            block.setText(3, format_count(block_sum) if block_sum else "")
         self.modules_label.setText(f"{b.modules} of {len(self.leaves)} matrices")
         self.trainable_label.setText(f"{b.trainable:,} ({format_count(b.trainable)})")
         self.share_label.setText(f"{100 * b.share:.3f} % of {format_count(b.total)}")

@@ -437,7 +437,7 @@ class ModelPage(Page):
     def _on_load_progress(self, p) -> None:
         message, fraction = p
         self.progress.setValue(int(1000 * fraction))
-        self.progress_label.setText(str(message))
+        self.progress.setFormat(f"{message} (%p%)")
 
     def _on_load_finished(self, loaded) -> None:
         self.state.set_loaded(loaded)
@@ -449,6 +449,7 @@ class ModelPage(Page):
 
     def _load_done(self) -> None:
         self._load_worker = None
+        self.progress.setFormat("%p%")
         self.load_button.setEnabled(True)
         self.cancel_button.hide()
         self.progress.hide()
@@ -464,10 +465,13 @@ class ModelPage(Page):
             return
         if fraction >= 1.0 or not message:
             self.progress.hide()
+            self.progress.setFormat("%p%")
+            self.progress_label.setText("")
             return
         self.progress.show()
         self.progress.setValue(int(1000 * fraction))
-        self.progress_label.setText(f"Preparing the model (once): {message}")
+        self.progress.setFormat(f"Preparing the model, once: {message} (%p%)")
+        self.progress_label.setText("The model is converted to safetensors on first use; later starts take seconds")
 
     # -- settings ---------------------------------------------------------------------------------
     def save_settings(self, s) -> None:

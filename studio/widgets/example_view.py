@@ -35,7 +35,7 @@ def render_html(pieces: list[tuple[str, bool]]) -> str:
             if _SPECIAL.fullmatch(part):
                 border = "border: 1px solid #D55E00;" if trained else ""
                 out.append(f'<span style="background:{special_bg}; color:{special_fg}; {border}'
-                           f' font-size: small;">&nbsp;{html.escape(part)}&nbsp;</span>')
+                           f' font-size: small; white-space: nowrap;">&nbsp;{html.escape(part)}&nbsp;</span>')
                 continue
             esc = html.escape(part)
             if trained:
