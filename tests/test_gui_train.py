@@ -225,3 +225,19 @@ def test_gui_stays_responsive_while_training(window, qtbot):
           f"median {1000 * sorted(gaps)[len(gaps) // 2]:.0f} ms")
     assert steps >= 3
     assert worst < 0.200
+
+
+def test_stop_before_the_first_step(window, qtbot):
+    from core.library import Library
+
+    page = window.page("train")
+    _steps(page, 50)
+    page.start()
+    assert not page.pause_button.isEnabled()  # nothing to pause before the first step
+    page.stop()
+    _run_until_done(qtbot, page)
+    assert page.last_result is not None and page.last_result.status == "stopped"
+    assert page.plot.steps_received == 0
+    assert "nothing to add" in page.status.text()
+    assert Library().entries() == []
+    assert page.start_button.isEnabled()

@@ -327,6 +327,7 @@ class TrainPage(Page):
         w.done.connect(self._on_done)
         self.status.setText("Starting…")
         self._set_running(True)
+        self.pause_button.setEnabled(False)  # until the first step: there is nothing to pause before it
         self.state.set_training(True)
         workers.start(w, owner=self)
         return True
@@ -356,6 +357,8 @@ class TrainPage(Page):
         kind = type(ev).__name__
         if kind == "StepEvent":
             self.plot.add_step(ev.step, ev.loss, ev.lr)
+            if self.worker is not None and not self.pause_button.isEnabled() and not self.worker.is_cancelled():
+                self.pause_button.setEnabled(True)
             total = max(1, int(ev.total_steps or 1))
             if self.progress.maximum() != total:
                 self.progress.setRange(0, total)
@@ -395,7 +398,10 @@ class TrainPage(Page):
         self.last_result = result
         status = getattr(result, "status", None) or "finished"
         self.status.setText(f"Run {status}; adding its adapter to the library…")
-        run_dir = str(getattr(result, "out", None) or getattr(result, "run_dir", None) or self.run_dir)
+        run_dir = str(getattr(result, "out", None) or self.run_dir)
+        if getattr(result, "adapter", None) is None:
+            self.status.setText(f"Run {status} before its first step; nothing to add to the library")
+            return
         w = workers.FunctionWorker(_adopt, run_dir)
         w.finished.connect(self._on_adopted)
         w.failed.connect(self._on_adopt_failed)
