@@ -93,12 +93,16 @@ def test_whole_flow_model_layers_data_train_library(window, qtbot):
 def test_stop_keeps_the_adapter(window, qtbot):
     from core.library import Library
 
+    from PySide6.QtCore import Qt
+
     page = window.page("train")
     _steps(page, 100_000)
-    page.start()
-    qtbot.waitUntil(lambda: page.plot.steps_received >= 3, timeout=LONG)
     window.activateWindow()
-    page.stop()
+    qtbot.waitUntil(window.isActiveWindow)
+    qtbot.keyClick(window, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)  # Start
+    assert page.worker is not None and window.stack.currentWidget() is page
+    qtbot.waitUntil(lambda: page.plot.steps_received >= 3, timeout=LONG)
+    qtbot.keyClick(window, Qt.Key.Key_Period, Qt.KeyboardModifier.ControlModifier)  # Stop
     _run_until_done(qtbot, page)
     qtbot.waitUntil(lambda: page.last_adopted is not None, timeout=LONG)
     assert page.last_result.status == "stopped"

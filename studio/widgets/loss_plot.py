@@ -70,7 +70,7 @@ class LossPlot(QWidget):
         pi.setMenuEnabled(False)
         main = c["series"][0]
         faint = QColor(main)
-        faint.setAlpha(70)
+        faint.setAlpha(110)
         self.raw_curve = pi.plot(pen=pg.mkPen(faint, width=1), name="loss")
         self.smooth_curve = pi.plot(pen=pg.mkPen(main, width=2.2), name="loss (smoothed)")
         self.eval_curve = pi.plot(pen=None, symbol="o", symbolSize=8, symbolBrush=c["series"][1],
