@@ -15,7 +15,7 @@ Two methods, each in its own fresh process, alternating (studio, bare, studio, b
             bar, no checkpoints. Like the core-engine benchmark's loop (``train_step.py``) it reads
             the loss back every step.
 
-Throughput is tokens (non-padding) per second over steps ``--skip``+1 .. ``--steps`` (the window
+Throughput is tokens (non-padding) per second over steps ``--skip``+1 .. ``--steps`` (6..55 by default) (the window
 includes the checkpoint written at step 50); the studio's figure comes from its own
 ``metrics.jsonl`` (``elapsed`` is wall time since the loop began, so time spent between steps, in
 the callback, the progress bar and checkpoints, is counted). Target: overhead ≤ 3%.
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="tokens/s of 'lora-studio train' against the bare training loop")
     p.add_argument("--model", default="default", help="model spec (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="", help="dataset (default: the bundled sample dataset)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument("--steps", type=int, default=55, help="optimizer steps per run (default 55)")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the figure (default 5)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
@@ -151,8 +151,11 @@ def main(argv=None) -> int:
             if method == "studio":
                 res = studio(args)
             else:
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "bare"] + [
-                    a for a in sys.argv[1:] if a != "--json-out"]
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "bare", "--model", args.model,
+                       "--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                       "--max-length", str(args.max_length), "--rank", str(args.rank), "--device", args.device]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
                 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
