@@ -15,7 +15,7 @@ Two methods, each in its own fresh process, alternating (studio, bare, studio, b
             bar, no checkpoints. Like the core-engine benchmark's loop (``train_step.py``) it reads
             the loss back every step.
 
-Throughput is tokens (non-padding) per second over steps ``--skip``+1 .. ``--steps`` (6..55 by default) (the window
+Throughput is tokens (non-padding) per second over steps ``--skip``+1 .. ``--steps`` (6..55; the window
 includes the checkpoint written at step 50); the studio's figure comes from its own
 ``metrics.jsonl`` (``elapsed`` is wall time since the loop began, so time spent between steps, in
 the callback, the progress bar and checkpoints, is counted). Target: overhead ≤ 3%.
