@@ -328,7 +328,8 @@ class Trainer:
             # give the window its model back as it was
             with contextlib.suppress(Exception):
                 if self._gc_enabled:
-                    model.gradient_checkpointing_disable()
+                    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+                    off()
                     model.disable_input_require_grads()
                 if self._injected and self._adapter in lora.adapter_names(model):
                     lora.remove_adapter(model, self._adapter)
@@ -438,7 +439,11 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise StudioError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant checkpointing: works with frozen inputs, DDP and the fused LoRA function
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
             self._gc_enabled = True
         model.train()

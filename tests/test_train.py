@@ -150,6 +150,22 @@ def test_gradient_checkpointing_changes_memory_not_results(assets, tmp_path):
     assert_same_adapter(adapter_of(tmp_path / "gc"), adapter_of(tmp_path / "plain"), atol=1e-6)
 
 
+def test_a_model_the_window_holds_is_trained_then_given_back_unchanged(assets, tmp_path):
+    from core import models
+
+    lm = models.load_model(str(assets[0]), device="cpu", precision="fp32")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    cfg = make_cfg(assets, tmp_path / "run", steps=3)
+    cfg.model.gradient_checkpointing = True
+    Trainer(cfg, loaded=lm).run()
+    assert not list(lora.lora_layers(lm.model)) and not lm.model.training
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    after = lm.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    Trainer(make_cfg(assets, tmp_path / "fresh", steps=3)).run()  # same numbers as loading it anew
+    assert_same_adapter(adapter_of(tmp_path / "run"), adapter_of(tmp_path / "fresh"), atol=1e-6)
+
+
 # -- stop, pause, NaN ----------------------------------------------------------------------------------
 
 def test_stop_takes_effect_within_one_step_and_leaves_a_checkpoint(assets, tmp_path):
