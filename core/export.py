@@ -263,6 +263,8 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise StudioError(f"--rank: must be a whole number of at least 1 (got {rank!r})")
     out_dtype = parse_dtype(dtype)
+    if not any(weights):
+        raise StudioError("--weights: every weight is 0; the export would be the base model")
 
     _say(progress, "reading the adapters", 0.0)
     files = []
@@ -275,9 +277,10 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
     _say(progress, "loading the base model in fp32", 0.05)
     t = time.perf_counter()
     loaded = models.load_model(spec, device=device, precision="fp32")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
+    del loaded  # only ``model`` may hold the weights: it is dropped before the export is loaded back
     if out_dtype is None:
-        out_dtype = checkpoint_dtype(loaded.path)
+        out_dtype = checkpoint_dtype(source)
     times["load"] = time.perf_counter() - t
 
     warnings: list[str] = []
@@ -300,8 +303,6 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
     inputs = [ids[:, : min(ids.shape[1], 64)] for ids in inputs if ids.shape[1] > 0]
     base_logits = _logits(model, inputs) if verify else None
     parts = [_Part(a, w, f"export{i}") for i, (a, w) in enumerate(zip(files, weights)) if w != 0.0]
-    if not parts:
-        raise StudioError("--weights: every weight is 0; the export would be the base model")
     for p in parts:
         _inject(model, p)
     combine_report: dict | None = None
@@ -339,6 +340,7 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
                               "dtype": models.precision_name(out_dtype), "warnings": warnings}
     if combine_report is not None:
         report["combine_report"] = combine_report
+        report["rank"] = combine_report.get("rank", rank)
     checks: dict[str, Any] = {}
     if verify:
         _say(progress, "checking the merged weights", 0.5)

@@ -107,6 +107,20 @@ def test_bf16_checkpoint_is_merged_in_fp32_and_saved_in_bf16(tmp_path):
     assert {t.dtype for t in load_file(str(tmp_path / "fp32" / "model.safetensors")).values()} == {torch.float32}
 
 
+def test_a_model_loaded_in_bf16_is_merged_from_its_full_precision_checkpoint(ckpt, tmp_path):
+    from core import models
+
+    loaded = models.load_model(str(ckpt), device="cpu", precision="bf16")  # as the window may hold it
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    adapter = peft_adapter(tmp_path / "adapter", ckpt)
+    report = export.export_merged(loaded, [adapter], out=tmp_path / "merged")
+    assert report["dtype"] == "fp32"  # the checkpoint's dtype, not the loaded copy's
+    want = logits(peft.PeftModel.from_pretrained(base_of(ckpt), str(adapter)).eval())
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")), want, atol=1e-5, rtol=0)
+    after = loaded.model.state_dict()  # the window's model is left exactly as it was
+    assert all(torch.equal(before[k], after[k]) for k in before) and after[next(iter(after))].dtype == torch.bfloat16
+
+
 def test_gpt2_conv1d_export(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "gpt2", arch="gpt2")
     adapter = peft_adapter(tmp_path / "adapter", ckpt, targets=("c_attn", "c_proj"), fan_in_fan_out=True)
