@@ -134,13 +134,15 @@ def _inject(model, part: _Part) -> None:
     different ranks). The global random state is left as it was (injection draws an A that the
     adapter's own then replaces)."""
     adapter = part.adapter
+    groups: dict[tuple[int, float], list[str]] = {}  # one inject_adapter call per (rank, scaling)
+    for module_name, (a, _b) in adapter.tensors.items():
+        groups.setdefault((int(a.shape[0]), adapter.scaling(module_name) * part.weight), []).append(module_name)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for (r, scale), names in groups.items():
+            lora.inject_adapter(model, names, part.name, rank=r, alpha=scale * r, freeze_base=False)
+        layers = dict(lora.lora_layers(model))
         for module_name, (a, b) in adapter.tensors.items():
-            r = int(a.shape[0])
-            scale = adapter.scaling(module_name) * part.weight
-            lora.inject_adapter(model, [module_name], part.name, rank=r, alpha=scale * r, freeze_base=False)
-            layer = model.get_submodule(module_name)
-            layer.set_adapter_weights(part.name, a.float(), b.float())
+            layers[module_name].set_adapter_weights(part.name, a.float(), b.float())
     model.requires_grad_(False)  # nothing trains here: no autograd graph in the forward passes
 
 
