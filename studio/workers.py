@@ -337,7 +337,8 @@ class TrainWorker(Worker):
             t.request_stop()
 
     def pause(self) -> None:
-        """Toggle-free pause: the trainer writes a checkpoint and waits until :meth:`resume`."""
+        """The trainer checkpoints after the current step, frees the optimizer state and the
+        accelerator's memory, and waits until :meth:`resume` (or :meth:`stop`)."""
         t = self.trainer
         if t is not None:
             t.request_pause()
@@ -345,11 +346,6 @@ class TrainWorker(Worker):
 
     def resume(self) -> None:
         t = self.trainer
-        if t is None:
-            return
-        fn = getattr(t, "request_resume", None)
-        if callable(fn):
-            fn()
-        else:  # a trainer whose pause is a toggle
-            t.request_pause()
+        if t is not None:
+            t.request_resume()
         self.paused = False
