@@ -116,6 +116,8 @@ class ComparePage(Page):
         self.config_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.config_table.verticalHeader().hide()
         self.config_table.setAlternatingRowColors(False)
+        self.config_table.setWordWrap(False)
+        self.config_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         right_bottom = QWidget()
         rb = QVBoxLayout(right_bottom)
         rb.setContentsMargins(0, 0, 0, 0)
@@ -159,7 +161,7 @@ class ComparePage(Page):
             name.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable)
             name.setCheckState(Qt.CheckState.Checked if info["path"] in checked else Qt.CheckState.Unchecked)
             name.setData(Qt.ItemDataRole.UserRole, info["path"])
-            name.setToolTip(info["path"])
+            name.setToolTip(f"{name.text()}\n{info['path']}")
             self.run_table.setItem(row, 0, name)
             total = info.get("total_steps")
             cells = [info.get("status") or "", f"{info.get('step') or 0}" + (f" / {total}" if total else ""),
@@ -234,8 +236,13 @@ class ComparePage(Page):
             for k in r["config"]:
                 if k not in seen:
                     seen.append(k)
-        # options that differ first: they are what the comparison is about
-        differs_first = sorted(seen, key=lambda k: len({r["config"].get(k, "–") for r in chosen}) == 1)
+        # options that differ first: they are what the comparison is about; the run's own name and
+        # folder always differ, so they come after those
+        def order(k: str) -> int:
+            same = len({r["config"].get(k, "–") for r in chosen}) == 1
+            return 2 if same else (1 if k in ("name", "out") else 0)
+
+        differs_first = sorted(seen, key=order)
         keys += [("config", k) for k in differs_first]
         t.setRowCount(len(keys) if chosen else 0)
         self.differing = set()
@@ -261,8 +268,10 @@ class ComparePage(Page):
                     if kind != OUTCOME:
                         t.item(row, col).setToolTip("differs between the chosen runs")
             t.item(row, 0).setData(Qt.ItemDataRole.UserRole, (kind, key, differs))
-        t.resizeColumnsToContents()
-        t.horizontalHeader().setStretchLastSection(True)
+        header = t.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        for col in range(1, t.columnCount()):  # the runs share the width; long paths are elided
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.Stretch)
         self._apply_row_filter()
 
     def _apply_row_filter(self, *_):

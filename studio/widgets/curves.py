@@ -76,6 +76,7 @@ class CurvesPlot(QWidget):
         self.clear()
         colors = palette_colors()["series"]
         shown = 0
+        any_eval = False
         for i, (name, loss, evals) in enumerate(series):
             color = QColor(colors[i % len(colors)])
             x, y = _xy(loss)
@@ -100,12 +101,18 @@ class CurvesPlot(QWidget):
                 entry["curve"] = curve
                 shown += 1
             if len(ex):
-                label = f"{name} (validation)" if len(series) > 1 else "validation loss"
+                # several runs: the dots share their run's colour, one legend line per run is enough
+                label = None if len(series) > 1 else "validation loss"
                 self.plot.plot(ex, ey, pen=None, symbol="o", symbolSize=7, symbolBrush=color,
                                symbolPen=pg.mkPen(palette_colors()["background"]), name=label)
                 shown += 1
+                any_eval = True
             self.series[name] = entry
         self.legend.setVisible(shown > 1 or len(series) > 1)
+        if len(series) > 1 and any_eval:
+            self.plot.setLabel("bottom", "step   (lines: training loss, smoothed; dots: validation loss)")
+        else:
+            self.plot.setLabel("bottom", "step")
         if not shown:
             self.empty.setText(message_if_empty)
             self.empty.show()
