@@ -419,27 +419,28 @@ class Library:
         self.trash_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the index -------------------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        """The index, if it is a readable database of the current schema (else sqlite3.DatabaseError)."""
+        con = sqlite3.connect(self.index_path, timeout=10)
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA:  # 0 for a file sqlite has just created
+                raise sqlite3.DatabaseError(f"index schema {version}, expected {SCHEMA}")
+            con.execute("SELECT id, mtime FROM entries LIMIT 1").fetchall()
+            return con
+        except BaseException:
+            con.close()
+            raise
+
     def _connect(self) -> sqlite3.Connection:
         """Open the index, rebuilding it from the folders if it is missing, corrupt or of another schema."""
-        for attempt in (0, 1):
-            try:
-                con = sqlite3.connect(self.index_path, timeout=10)
-                try:
-                    version = con.execute("PRAGMA user_version").fetchone()[0]
-                    if version != SCHEMA:
-                        con.close()
-                        raise sqlite3.DatabaseError(f"schema {version}")
-                    con.execute("SELECT id, mtime FROM entries LIMIT 1").fetchall()
-                    return con
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        con.close()
-                    raise
-            except sqlite3.DatabaseError:
-                if attempt:
-                    raise
-                self._create_index()
-        raise AssertionError("unreachable")
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as e:
+            if any(w in str(e).lower() for w in ("locked", "busy")):  # another process is writing: not broken
+                raise StudioError(f"the library index {self.index_path} is busy in another process; try again")
+            self._create_index()
+            return self._open()
 
     def _create_index(self) -> None:
         """A fresh, empty index of the current schema, written beside the old one and renamed over it
@@ -534,13 +535,26 @@ class Library:
              self._mtime(self.adapters_dir / e.id), json.dumps(e.to_json(), default=str)))
 
     def _query(self, sql: str, params: Iterable = ()) -> list[Entry]:
-        con = self._connect()
-        try:
-            self._sync(con)
-            rows = con.execute(sql, tuple(params)).fetchall()
-        finally:
-            con.close()
-        return [Entry.from_json(json.loads(data), self.adapters_dir / json.loads(data)["id"]) for (data,) in rows]
+        """Rows of ``sql`` (selecting ``data``) as entries, after bringing the index in step. A database
+        damaged past its header (a page torn by a crash) is rebuilt once and the query repeated."""
+        for attempt in (0, 1):
+            con = self._connect()
+            try:
+                self._sync(con)
+                rows = con.execute(sql, tuple(params)).fetchall()
+                break
+            except sqlite3.DatabaseError as e:
+                if attempt or any(w in str(e).lower() for w in ("locked", "busy")):
+                    raise StudioError(f"the library index {self.index_path} cannot be used ({e})") from None
+                con.close()
+                self._create_index()
+            finally:
+                con.close()
+        out = []
+        for (data,) in rows:
+            d = json.loads(data)
+            out.append(Entry.from_json(d, self.adapters_dir / d["id"]))
+        return out
 
     # -- reading ---------------------------------------------------------------------------------
     def entries(self) -> list[Entry]:

@@ -299,6 +299,11 @@ def test_index_rebuilt_when_deleted_corrupt_or_old(lib, tmp_path):
     assert _snapshot(Library(lib.root)) == before
     lib.index_path.write_bytes(b"this is not a database" * 100)
     assert _snapshot(Library(lib.root)) == before
+    raw = bytearray(lib.index_path.read_bytes())  # a torn page past a valid header (a crash mid-write)
+    assert len(raw) >= 8192
+    raw[4096:8192] = b"\xff" * 4096
+    lib.index_path.write_bytes(bytes(raw))
+    assert _snapshot(Library(lib.root)) == before
     con = sqlite3.connect(lib.index_path)
     con.execute("PRAGMA user_version = 1")
     con.commit()
