@@ -250,6 +250,38 @@ class DeltaPlot(QWidget):
         if rows:
             self.choose(self.table.item(rows[0].row(), 0).data(Qt.ItemDataRole.UserRole))
 
+    def _draw_by_block(self, names: list[str], c: dict) -> None:
+        """Many matrices (a deep model, all-linear): one line per kind of matrix across the blocks,
+        where 200 bars side by side would be unreadable."""
+        series: dict[str, list[tuple[int, int]]] = {}
+        for n in names:
+            b, f = _block(n), self.facts[n]
+            if b is not None and f.effective_rank is not None:
+                series.setdefault(n.rsplit(".", 1)[-1], []).append((int(b), f.effective_rank))
+        kinds = sorted(series, key=_kind_order)
+        palette = list(c["series"]) + [QColor("#7F7F7F"), QColor("#8C564B"), QColor("#BCBD22")]
+        legend = self.plot.addLegend(offset=(10, 2), labelTextColor=c["foreground"], colCount=min(len(kinds), 5))
+        top = 1
+        for i, k in enumerate(kinds):
+            pts = sorted(series[k])
+            color = QColor(palette[i % len(palette)])
+            self.plot.plot([p[0] for p in pts], [p[1] for p in pts], pen=pg.mkPen(color, width=2), symbol="o",
+                           symbolSize=5, symbolBrush=color, symbolPen=pg.mkPen(None), name=k)
+            top = max([top] + [p[1] for p in pts])
+        full = [f.rank for f in self.facts.values() if f.rank]
+        if full:
+            self.plot.addItem(pg.InfiniteLine(pos=max(full), angle=0,
+                                              pen=pg.mkPen(c["muted"], style=Qt.PenStyle.DashLine),
+                                              label=f"r = {max(full)}",
+                                              labelOpts={"color": c["foreground"], "position": 0.95}))
+            top = max(top, max(full))
+        self.plot.getAxis("bottom").setTicks(None)
+        self.plot.setLabel("bottom", "block")
+        self.plot.setLabel("left", "effective rank")
+        self.plot.enableAutoRange()
+        self.plot.setYRange(0, top * (1.15 + 0.12 * -(-len(kinds) // 5)), padding=0)
+        del legend
+
     def _draw(self, *_) -> None:
         self.plot.clear()
         legend = self.plot.getPlotItem().legend
@@ -264,6 +296,9 @@ class DeltaPlot(QWidget):
         if module is None:
             names = list(self.facts)
             ranks = [self.facts[n].effective_rank or 0 for n in names]
+            if len(names) > 40 and sum(_block(n) is not None for n in names) > len(names) // 2:
+                self._draw_by_block(names, c)
+                return
             x = np.arange(len(names))
             # one colour per kind of matrix (q_proj, up_proj, ...), so a glance shows where rank went
             kinds = sorted(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names), key=_kind_order)
