@@ -3,7 +3,6 @@ a corrupted export is caught and leaves nothing behind. Tiny checkpoints only.""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys

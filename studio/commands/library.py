@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from core.errors import StudioError
 
 _NAME_HELP = "the adapter's name or id (as 'library list' shows them)"
 
@@ -203,8 +200,6 @@ def cmd_restore(args) -> int:
 
 def cmd_empty_trash(args) -> int:
     n = _library().empty_trash(args.entry)
-    print(f"deleted {n} adapter{'s' if n != 1 else ''} for good", file=sys.stdout)
+    print(f"deleted {n} adapter{'s' if n != 1 else ''} for good")
     return 0
 
-
-__all__ = ["register", "StudioError"]
