@@ -7,7 +7,8 @@ What it does, for real (nothing on the screenshots is made up):
 1. in a fresh studio home (``--home``, default a temporary folder; the model cache of your own home
    is linked in so the bundled default is not converted again), trains three short adapters on the
    bundled sample dataset with ``core.train`` (attention-qv r8, all-linear r16, mlp r4), adds them to
-   the library and combines two of them (``core.combine``, exact);
+   the library and combines two of them (``core.combine``, exact); a ``--home`` used before keeps
+   the runs it has, so taking the pictures again skips the training;
 2. opens the main window on ``--model`` and waits for each page's facts (summary, layers, data);
 3. starts a fourth run from the Train page and takes its picture while it trains, then stops it;
 4. loads the model, applies the all-linear adapter from the Library, shows its ΔW analysis, ticks
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PROMPT = "Two large oat milk lattes with an extra shot, please."
+LIVE = "coffee-orders live"
 RUNS = [  # (name, targets, rank): three shapes of adapter a person would compare
     ("coffee-orders all-linear r16", "all-linear", 16),
     ("coffee-orders attention-qv r8", "attention-qv", 8),
@@ -66,9 +69,19 @@ def make_library(model: str, steps: int) -> list[Path]:
     from studio.pages.library import combine_into_library
 
     lib = Library()
+    for e in lib.entries():  # the run in progress of a previous time is taken again below
+        if e.name.startswith(LIVE):
+            lib.remove(e.id)
+    lib.empty_trash()
+    for old in runs_dir().glob(f"*{LIVE.replace(' ', '-')}*"):
+        shutil.rmtree(old, ignore_errors=True)
     run_dirs = []
     for name, targets, rank in RUNS:
         out = runs_dir() / name.replace(" ", "-")
+        if (out / "adapter" / "adapter_config.json").is_file():  # a --home used before: keep its runs
+            lib.adopt_run(out, name=name)
+            run_dirs.append(out)
+            continue
         t0 = time.perf_counter()
         result = Trainer(run_config(model, name, targets, rank, steps, out)).run()
         _log(f"trained {name}: {result.status}, final loss {result.final_loss}, "
@@ -76,6 +89,8 @@ def make_library(model: str, steps: int) -> list[Path]:
         lib.adopt_run(out, name=name)
         run_dirs.append(out)
     entries = {e.name: e for e in lib.entries()}
+    if "attention-qv r8 + mlp r4" in entries:
+        return run_dirs
     first = entries[RUNS[0][0]]
     lib.set_notes(first.id, "The one to use: answers orders as JSON. Trained on the bundled sample dataset.")
     parts = [entries[RUNS[1][0]], entries[RUNS[2][0]]]
@@ -164,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         state.config.lora.targets, state.config.lora.rank, state.config.lora.alpha = "all-linear", 16, 32.0
         state.config.train.steps, state.config.train.lr, state.config.train.eval_every = 200, 1e-3, 10
         state.config.data.val_split, state.config.data.max_length = 0.1, 160
-        state.config.name = "coffee-orders live"
+        state.config.name = LIVE
         state.changed("all")
         window.show_page("train")
         if train.start():

@@ -770,7 +770,8 @@ class LibraryPage(Page):
         self.save_notes_button.setEnabled(False)
         self.title.setText(f"<b style='font-size: 14pt'>{_html(entry.name)}</b>")
         t = entry.training or {}
-        rows = [("Base model", entry.base_model or "unknown"),
+        base = entry.base_model or "unknown"
+        rows = [("Base model", "default (the bundled SmolLM2-135M-Instruct)" if base == "default" else base),
                 ("Rank / alpha", f"r = {entry.rank}, α = {entry.alpha:g}" + (" (rsLoRA)" if entry.rslora else "")
                  if entry.rank is not None and entry.alpha is not None else "?"),
                 ("Targets", f"{_targets(entry)} ({entry.modules} modules)"),
