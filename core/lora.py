@@ -191,7 +191,8 @@ class _SharedInput:
         self.rows: dict[int, torch.Tensor] = {}
 
     def rows_for(self, layer, x, name):
-        if self.x is not x or self.version != x._version:
+        version = -1 if x.is_inference() else x._version  # inference tensors have no counter
+        if self.x is not x or self.version != version:
             self.x, self.rows = None, {}
             use = [m for m in self.members if m._fusable(x, name)]
             if len(use) < 2 or layer not in use:
@@ -203,7 +204,7 @@ class _SharedInput:
                 r = m.lora_A[name].shape[0]
                 self.rows[id(m)] = xa_t[start:start + r]
                 start += r
-            self.x, self.version = x, x._version
+            self.x, self.version = x, version
         rows = self.rows.pop(id(layer), None)
         if not self.rows:
             self.x = None

@@ -196,3 +196,18 @@ def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch):
     torch.testing.assert_close(fused_logits, plain_logits, atol=1e-6, rtol=1e-6)
     for k, v in plain_grads.items():
         torch.testing.assert_close(fused_grads[k], v, atol=1e-6 * v.abs().max().item(), rtol=0, msg=k)
+
+
+def test_shared_input_fusion_under_inference_mode(llama):
+    """Inference tensors carry no version counter; the fused path must still run (and agree)."""
+    model = copy.deepcopy(llama)
+    lora.inject_adapter(model, targets.resolve_targets(model, "all-linear"), rank=4, alpha=8)
+    for p in lora.lora_parameters(model).values():
+        with torch.no_grad():
+            p.add_(0.05)
+    x = token_batch()
+    with torch.no_grad():
+        expected = model(x).logits
+    with torch.inference_mode():
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
