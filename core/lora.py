@@ -313,12 +313,29 @@ class LoRALinear(nn.Module):
         delta = (b @ a) * self.scaling[name]
         return delta.t() if self.transposed else delta
 
+    def _fp32_delta_args(self, name: str):
+        """``(m1, m2, s)`` with ΔW = s·m1·m2 shaped like the weight, when W, A and B are all fp32 on
+        one device (then merge and unmerge are one fused ``addmm`` pass over W); else None."""
+        w, a, b = self.base_layer.weight, self.lora_A[name].detach(), self.lora_B[name].detach()
+        if not (w.dtype == a.dtype == b.dtype == torch.float32 and a.device == w.device == b.device):
+            return None
+        return ((a.t(), b.t()) if self.transposed else (b, a)) + (self.scaling[name],)
+
     def merge(self, name: str) -> None:
-        """W ← W + s·B·A, computed in fp32; refuses (and leaves W as it was) if a value is not finite."""
+        """W ← W + s·B·A, computed in fp32; refuses (and leaves W as it was) if a value is not finite.
+
+        The merged weight is built out of place (one ``addmm``, W + s·B·A, when everything is fp32),
+        checked, and only then copied into W, so a refused merge leaves W untouched.
+        """
         if name in self.merged:
             return
         w = self.base_layer.weight
-        merged = w.detach().float() + self.delta_weight(name).to(w.device)
+        fast = self._fp32_delta_args(name)
+        if fast is not None:
+            m1, m2, s = fast
+            merged = torch.addmm(w.detach(), m1, m2, alpha=s)
+        else:
+            merged = w.detach().float() + self.delta_weight(name).to(w.device)
         if not torch.isfinite(merged).all():
             raise StudioError(f"merging adapter '{name}' gives non-finite weights; the adapter is broken")
         with torch.no_grad():
@@ -326,12 +343,17 @@ class LoRALinear(nn.Module):
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
-        """W ← W − s·B·A (the inverse of :meth:`merge`, in fp32)."""
+        """W ← W − s·B·A (the inverse of :meth:`merge`, in fp32; in place when W is fp32)."""
         if name not in self.merged:
             return
         w = self.base_layer.weight
+        fast = self._fp32_delta_args(name)
         with torch.no_grad():
-            w.copy_((w.detach().float() - self.delta_weight(name).to(w.device)).to(w.dtype))
+            if fast is not None:
+                m1, m2, s = fast
+                w.addmm_(m1, m2, alpha=-s)
+            else:
+                w.copy_((w.detach().float() - self.delta_weight(name).to(w.device)).to(w.dtype))
         self.merged.remove(name)
 
     # -- forward ---------------------------------------------------------------------------------
