@@ -315,7 +315,12 @@ class LoRALinear(nn.Module):
 
     def _fp32_delta_args(self, name: str):
         """``(m1, m2, s)`` with ΔW = s·m1·m2 shaped like the weight, when W, A and B are all fp32 on
-        one device (then merge and unmerge are one fused ``addmm`` pass over W); else None."""
+        one device (then merge and unmerge are one fused ``addmm`` pass over W); else None.
+
+        Also None when :meth:`delta_weight` is not this class's own (a subclass, or a test that
+        replaces it): ΔW is whatever ``delta_weight`` says, so merge and unmerge then use it."""
+        if type(self).delta_weight is not _OWN_DELTA_WEIGHT:
+            return None
         w, a, b = self.base_layer.weight, self.lora_A[name].detach(), self.lora_B[name].detach()
         if not (w.dtype == a.dtype == b.dtype == torch.float32 and a.device == w.device == b.device):
             return None
@@ -396,6 +401,8 @@ class LoRALinear(nn.Module):
             parts.append(f"{n}: r={self.rank[n]} s={self.scaling[n]:g} {flag}")
         return ", ".join(parts)
 
+
+_OWN_DELTA_WEIGHT = LoRALinear.delta_weight
 
 # -- model-level functions -------------------------------------------------------------------------
 
