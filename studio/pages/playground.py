@@ -109,8 +109,7 @@ class AnswerPane(QFrame):
         self.stats.setStyleSheet("color: palette(placeholder-text);")
         top = QHBoxLayout()
         top.addWidget(self.title)
-        top.addStretch(1)
-        top.addWidget(self.choice)
+        top.addWidget(self.choice, 1)  # the whole width: library names can be long
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addWidget(self.text, 1)

@@ -260,7 +260,7 @@ class DeltaPlot(QWidget):
                 series.setdefault(n.rsplit(".", 1)[-1], []).append((int(b), f.effective_rank))
         kinds = sorted(series, key=_kind_order)
         palette = list(c["series"]) + [QColor("#7F7F7F"), QColor("#8C564B"), QColor("#BCBD22")]
-        legend = self.plot.addLegend(offset=(10, 2), labelTextColor=c["foreground"], colCount=min(len(kinds), 5))
+        legend = self.plot.addLegend(offset=(10, 2), labelTextColor=c["foreground"], colCount=min(len(kinds), 3))
         top = 1
         for i, k in enumerate(kinds):
             pts = sorted(series[k])
@@ -279,7 +279,7 @@ class DeltaPlot(QWidget):
         self.plot.setLabel("bottom", "block")
         self.plot.setLabel("left", "effective rank")
         self.plot.enableAutoRange()
-        self.plot.setYRange(0, top * (1.15 + 0.12 * -(-len(kinds) // 5)), padding=0)
+        self.plot.setYRange(0, top * (1.15 + 0.12 * -(-len(kinds) // 3)), padding=0)
         del legend
 
     def _draw(self, *_) -> None:
@@ -308,12 +308,12 @@ class DeltaPlot(QWidget):
             self.plot.addItem(pg.BarGraphItem(x=x, height=ranks, width=0.8, brushes=brushes, pen=pg.mkPen(None)))
             if len(kinds) > 1:  # one row above the bars (the y range leaves room for it)
                 legend = self.plot.addLegend(offset=(10, 2), labelTextColor=c["foreground"],
-                                             colCount=min(len(kinds), 5))
+                                             colCount=min(len(kinds), 3))
                 for k in kinds:
                     legend.addItem(pg.ScatterPlotItem(symbol="s", size=10, brush=colors[k], pen=pg.mkPen(None)), k)
             full = [self.facts[n].rank for n in names if self.facts[n].rank]
             top = max(ranks + full + [1])
-            rows_of_legend = 0 if len(kinds) <= 1 else -(-len(kinds) // 5)
+            rows_of_legend = 0 if len(kinds) <= 1 else -(-len(kinds) // 3)
             if full:
                 line = pg.InfiniteLine(pos=max(full), angle=0, pen=pg.mkPen(c["muted"], style=Qt.PenStyle.DashLine),
                                        label=f"r = {max(full)}", labelOpts={"color": c["foreground"], "position": 0.95})
