@@ -16,7 +16,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QFrame, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
                                QMainWindow, QStackedWidget, QStyle, QToolButton, QVBoxLayout, QWidget)
 
-from studio import workers
+from studio import gc_guard, workers
 from studio.pages import Page, page_classes
 from studio.state import StudioState
 
@@ -73,6 +73,7 @@ class MainWindow(QMainWindow):
 
     def __init__(self, state: StudioState | None = None, *, background: bool = True):
         super().__init__()
+        gc_guard.install()  # also when the QApplication was not made by make_app (tests, embedding)
         self.setWindowTitle(APP_NAME)
         self.state = state or StudioState(parent=self)
         self._background = background
@@ -262,6 +263,7 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     app.setApplicationName(APP_NAME)
     app.setOrganizationName(APP_NAME)
     app.setStyle("Fusion")
+    gc_guard.install()
     if not getattr(app, "_studio_quit_hook", False):
         # Threads still running when the application quits would abort the process.
         app.aboutToQuit.connect(lambda: workers.stop_all(timeout_ms=30_000))

@@ -32,7 +32,10 @@ Why the signals object stays in the GUI thread and only the job runs in a ``QThr
 emitted from the worker thread on an object that lives in the GUI thread is queued to the GUI thread
 for *every* slot, bound methods and lambdas alike. (With the QObject moved into the thread, as in
 Qt's own example, a bare lambda slot would run in the worker thread and touch widgets from there.)
-So connect anything you like; every slot runs in the GUI thread.
+So connect anything you like; every slot runs in the GUI thread. The worker thread never emits the
+public signals itself: it queues (name, value) on a private relay, and the GUI thread emits the
+public signal unless the worker was detached meanwhile, so a report queued just before its page was
+deleted is dropped instead of reaching deleted widgets.
 
 ``FunctionWorker(fn, *args, **kwargs)`` calls ``fn(*args, progress=..., cancelled=..., **kwargs)``
 when ``fn`` accepts those keywords (each one separately), else plain ``fn(*args, **kwargs)``.
@@ -59,6 +62,8 @@ import traceback
 from typing import Any, Callable
 
 from PySide6.QtCore import QObject, QThread, Signal
+
+from studio import gc_guard
 
 log = logging.getLogger("studio")
 _log_configured = False
@@ -153,6 +158,7 @@ class Worker(QObject):
     failed = Signal(str)
     cancelled = Signal()
     done = Signal()
+    _relay = Signal(str, object)  # (public signal's name, value): from the worker thread to _deliver
 
     heavy = True
     """Import torch/transformers/datasets (once, under a lock) before :meth:`work`; see warm_imports."""
@@ -163,6 +169,28 @@ class Worker(QObject):
         self._thread: _Runner | None = None
         self.running = False
         self.started_at = 0.0
+        self._detached = False
+        self._relay.connect(self._deliver)  # queued: the worker object lives in the GUI thread
+
+    # -- the worker thread's reports reach listeners through the GUI thread -------------------------
+    def _send(self, name: str, value: Any = None) -> None:
+        """Worker thread: queue a report for the GUI thread."""
+        self._relay.emit(name, value)
+
+    def _emit_progress(self, value: Any) -> None:
+        self._send("progress", value)
+
+    def _deliver(self, name: str, value: Any) -> None:
+        """GUI thread: emit the public signal, unless the listeners went away (detach) since the
+        report was queued. Disconnecting alone does not stop a report already queued, which then
+        reached a page whose widgets were deleted."""
+        if self._detached:
+            return
+        sig = getattr(self, name)
+        if name in ("cancelled", "done"):
+            sig.emit()
+        else:
+            sig.emit(value)
 
     # -- called from the GUI thread ---------------------------------------------------------------
     def cancel(self) -> None:
@@ -176,6 +204,7 @@ class Worker(QObject):
         """Cancel and disconnect every slot (the widget that listened is going away)."""
         import warnings
 
+        self._detached = True
         with warnings.catch_warnings():  # PySide warns when a signal had nothing connected
             warnings.simplefilter("ignore", RuntimeWarning)
             for sig in (self.progress, self.finished, self.failed, self.cancelled, self.done):
@@ -205,20 +234,20 @@ class Worker(QObject):
                 warm_imports()
             result = self.work()
         except Cancelled:
-            self.cancelled.emit()
+            self._send("cancelled")
         except BaseException as e:  # noqa: BLE001 - every failure becomes one message
             if self._cancel.is_set() and not self._reports_after_cancel():
-                self.cancelled.emit()
+                self._send("cancelled")
             else:
-                self.failed.emit(error_message(e))
+                self._send("failed", error_message(e))
         else:
             if self._cancel.is_set() and not self._reports_after_cancel():
-                self.cancelled.emit()  # no result after a cancel (superqt's rule)
+                self._send("cancelled")  # no result after a cancel (superqt's rule)
             else:
-                self.finished.emit(result)
+                self._send("finished", result)
         finally:
             self.running = False
-            self.done.emit()
+            self._send("done")
 
     def _reports_after_cancel(self) -> bool:
         """Whether a result after cancel() still counts (a stopped training run does)."""
@@ -245,6 +274,7 @@ def start(worker: Worker, owner: QObject | None = None) -> Worker:
     ``owner`` (usually the page starting it): when the owner is destroyed, the worker is cancelled
     and its signals are disconnected, so a result arriving later never reaches a deleted widget.
     """
+    gc_guard.install()  # cycles are collected in this (GUI) thread, never in the worker's
     thread = _Runner(worker)
     worker._thread = thread
     worker.running = True
@@ -292,7 +322,7 @@ class FunctionWorker(Worker):
     def work(self) -> Any:
         kwargs = dict(self.kwargs)
         if self._pass_progress:
-            kwargs.setdefault("progress", self.progress.emit)
+            kwargs.setdefault("progress", self._emit_progress)
         if self._pass_cancelled:
             kwargs.setdefault("cancelled", self.is_cancelled)
         return self.fn(*self.args, **kwargs)
@@ -318,7 +348,7 @@ class TrainWorker(Worker):
     def work(self) -> Any:
         from core.train import Trainer
 
-        self.trainer = Trainer(self.cfg, callback=self.progress.emit, loaded=self.loaded)
+        self.trainer = Trainer(self.cfg, callback=self._emit_progress, loaded=self.loaded)
         if self._early.is_set():
             self.trainer.request_stop()
         return self.trainer.run(resume=self.resume_run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -56,6 +57,18 @@ def studio_home(tmp_path, monkeypatch):
     home = tmp_path / "studio-home"
     monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_in_the_main_thread():
+    """Cycles left by a test (closed windows, pages) are collected here, in the GUI thread, never by
+    whichever worker thread of the next test crosses the allocation threshold (see studio/gc_guard.py)."""
+    yield
+    if "PySide6.QtWidgets" in sys.modules:
+        from studio import gc_guard
+
+        gc_guard.install()
+        gc_guard.collect_now()
 
 
 def token_batch(vocab: int = 128, batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
