@@ -48,6 +48,7 @@ import torch
 
 from core import atomic
 from core import lora
+from core.adapter import align_to
 from core.errors import StudioError
 
 Progress = Callable[[str, float], None]
@@ -293,6 +294,8 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
             raise StudioError(f"--adapter {f}: does not fit {spec}: {problems[0]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         warnings += warns
+    # module names as in this model (an adapter made over the bare transformer fits the causal LM)
+    files = [align_to(f, model) for f in files]
     tied = _tied_targets(model, sorted({m for a in files for m in a.tensors}))
     if tied:
         raise StudioError(f"--adapter: the adapter changes '{tied[0]}', whose weight this model shares with "

@@ -209,6 +209,40 @@ def test_svd_combination_when_core_combine_has_it(ckpt, tmp_path):
     assert "combine_report" in report and combine is not None
 
 
+def test_adapter_made_over_the_bare_transformer_is_aligned(ckpt, tmp_path):
+    """PEFT over AutoModel names modules ``layers.0...``; the causal LM has ``model.layers.0...``.
+    The export moves the names onto the model, exactly as loading the adapter does."""
+    a = peft_adapter(tmp_path / "a", ckpt, seed=3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tensors = load_file(a / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.", "base_model.model."): v for k, v in tensors.items()},
+              bare / "adapter_model.safetensors")
+    (bare / "adapter_config.json").write_text((a / "adapter_config.json").read_text())
+    ra = export.export_merged(str(ckpt), [a], out=tmp_path / "ma")
+    rb = export.export_merged(str(ckpt), [bare], out=tmp_path / "mb")
+    assert ra["verify"]["export"]["relative"] <= 1e-4 and rb["verify"]["export"]["relative"] <= 1e-4
+    wa, wb = load_file(tmp_path / "ma" / "model.safetensors"), load_file(tmp_path / "mb" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["model.layers.0.self_attn.q_proj.weight"],
+                           load_file(ckpt / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_task_merges_are_offered_and_verified(ckpt, tmp_path, capsys):
+    from core import combine
+    from studio.commands.merge import COMBINE_MODES
+
+    assert set(COMBINE_MODES) == set(combine.MODES)  # the parser's list is kept by hand: keep it whole
+    a = peft_adapter(tmp_path / "a", ckpt, seed=1)
+    b = peft_adapter(tmp_path / "b", ckpt, seed=2)
+    out = tmp_path / "ties"
+    assert _cli("merge", "--model", str(ckpt), "--adapter", str(a), "--adapter", str(b), "--weights", "1,1",
+                "--combine", "ties", "--rank", "8", "--out", str(out), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["combine"] == "ties" and report["verify"]["export"]["relative"] <= 1e-4
+    assert report["combine_report"]["mode"] == "ties"
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 def _cli(*args):

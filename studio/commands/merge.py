@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.errors import StudioError
 
-COMBINE_MODES = ("exact", "svd")
+COMBINE_MODES = ("exact", "svd", "ties", "dare_linear", "dare_ties")
 """What ``--combine`` offers; kept here (not read from core.combine) so that building the parser
 imports no torch."""
 
@@ -34,9 +34,11 @@ def register(sub) -> None:
                         "its weight, so 0.5,0.5 averages two adapters and -1 subtracts one")
     m.add_argument("--combine", default="exact", choices=COMBINE_MODES,
                    help="exact: the weighted sum of every adapter's ΔW, merged exactly (default); svd: "
-                        "first combine them into one adapter of rank --rank by truncated SVD")
+                        "first combine them into one adapter of rank --rank by truncated SVD; ties, "
+                        "dare_linear, dare_ties: PEFT's task merges of the ΔW's (TIES keeps the top 20%% of "
+                        "entries and elects signs; DARE drops 90%% at random and rescales), then rank --rank")
     m.add_argument("--rank", type=int, metavar="R",
-                   help="rank of the combined adapter with --combine svd (default: the largest rank among the adapters)")
+                   help="rank of the combined adapter with --combine svd, ties or dare_* (default: the largest rank among the adapters)")
     m.add_argument("--out", required=True, metavar="DIR", help="the model folder to create (must not exist)")
     m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="dtype of the saved weights (default auto: the base checkpoint's own; the merge "
@@ -83,7 +85,8 @@ def cmd_merge(args) -> int:
     folders = [adapter_folder(a) for a in args.adapter]
     weights = _parse_weights(args.weights, len(folders))
     if args.rank is not None and args.combine == "exact":
-        raise StudioError("--rank: only used with --combine svd (exact keeps every adapter's full rank)")
+        raise StudioError("--rank: not used with --combine exact (it keeps every adapter's full rank); "
+                          "give it with svd, ties or dare_*")
     bar = tqdm(total=100, unit="%", disable=None, file=sys.stderr,
                bar_format="{l_bar}{bar}| {elapsed}")
 
