@@ -212,6 +212,26 @@ class _SharedInput:
 
 
 
+_PLAIN_DICT = nn.ParameterDict()
+
+
+class AdapterParams(nn.ParameterDict):
+    """A ParameterDict keyed by adapter name that takes any name.
+
+    A ParameterDict stores each entry as an attribute named like its key, so a library id with a dot
+    ("smollm2-v1.2") or a name that is already an attribute ("train", "to", "keys") cannot be a key.
+    Such a name is stored under an escaped attribute ("~" + the name with "." as "~d"); the dict's
+    keys stay the names themselves. Plain names (every name we generate, and PEFT's "default")
+    keep their own attribute, so parameter names read ``lora_A.default`` as before.
+    """
+
+    def _key_to_attr(self, key: str) -> str:
+        key = super()._key_to_attr(key)
+        if "." not in key and not key.startswith("~") and not hasattr(_PLAIN_DICT, key):
+            return key
+        return "~" + key.replace("~", "~~").replace(".", "~d")
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear/Conv1D plus any number of named low-rank adapters.
 
@@ -232,8 +252,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.transposed = not isinstance(base_layer, nn.Linear)
         self.out_features, self.in_features = layer_shape(base_layer)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A = AdapterParams()
+        self.lora_B = AdapterParams()
         self.scaling: dict[str, float] = {}
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
@@ -251,6 +271,7 @@ class LoRALinear(nn.Module):
         ``kaiming`` draws from the random generator in the same order as PEFT (an ``nn.Linear`` for
         A and one for B are built, then A is drawn again), so the same seed gives PEFT's A exactly.
         """
+        check_adapter_name(name)
         if name in self.lora_A:
             raise StudioError(f"adapter '{name}' is already on this layer")
         if rank < 1:
@@ -426,6 +447,13 @@ def _get_parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     parent_name, _, child = qualified.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     return parent, child
+
+
+def check_adapter_name(name: str) -> None:
+    """Refuse an adapter name no layer can hold: not a string, or empty. Any other name works, dots
+    and names like "train" included (see :class:`AdapterParams`)."""
+    if not isinstance(name, str) or not name.strip():
+        raise StudioError("an adapter name must not be empty")
 
 
 def inject_adapter(model: nn.Module, targets: Iterable[str], name: str = "default", *, rank: int = 8,

@@ -139,6 +139,35 @@ def test_several_adapters_switch_and_swap(llama):
         lora.set_active_adapters(model, ["three"])
 
 
+def test_any_adapter_name_works_library_ids_and_method_names_included(llama, tmp_path):
+    """Library ids may hold dots ("coffee-v1.2") and a user may call an adapter "train"; a plain
+    ParameterDict can hold neither. Both train, save, load and merge like any other name."""
+    from core import adapter as adapter_io
+
+    x = token_batch()
+    names = targets.resolve_targets(llama, "attention-qv")
+    model = copy.deepcopy(llama)
+    for n in ("coffee-v1.2", "train", "to"):
+        lora.inject_adapter(model, names, n, rank=2, alpha=4)
+    layer = dict(lora.lora_layers(model))[names[0]]
+    assert list(layer.lora_A.keys()) == ["coffee-v1.2", "train", "to"]
+    assert callable(layer.lora_A.train) and callable(layer.lora_A.to)  # the methods are still methods
+    g = torch.Generator().manual_seed(0)
+    for p in lora.lora_parameters(model).values():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora.set_active_adapters(model, ["coffee-v1.2"])
+    y = model(x).logits
+    adapter_io.save_adapter(model, tmp_path / "a", name="coffee-v1.2", base_model="tiny-llama")
+    other = copy.deepcopy(llama)
+    adapter_io.load_adapter(other, tmp_path / "a", name="other.v2")
+    torch.testing.assert_close(other(x).logits, y, atol=1e-6, rtol=0)
+    lora.merge_adapter(other, "other.v2")
+    torch.testing.assert_close(other(x).logits, y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(StudioError, match="must not be empty"):
+        lora.inject_adapter(model, names, "", rank=2, alpha=4)
+
+
 def test_merge_refuses_non_finite(llama):
     model = copy.deepcopy(llama)
     names = targets.resolve_targets(model, "attention-qv")
