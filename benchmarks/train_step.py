@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=None,
                    help="comma-separated subset/order, e.g. ours,peft (default: "
                         f"{','.join(TRAIN_METHODS + INFER_METHODS)}; also: {','.join(OPTIONAL_METHODS)})")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="every trained method (ours, PEFT, full) uses torch's fused AdamW, as core/train.py "
+                        "does, instead of the default for-each implementation")
     p.add_argument("--no-infer", action="store_true", help="skip the inference measurements")
     p.add_argument("--json-out", default=None, help="write every figure and the machine to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -157,7 +160,7 @@ def worker(args) -> dict:
         model.train()
         if method == "floor":
             model.enable_input_require_grads()
-        opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+        opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True if args.fused_adamw else None) if trainable else None
         losses: list[float] = []
 
         def step():
@@ -188,6 +191,8 @@ def run_one(method: str, folder: Path, args) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
            "--alpha", str(args.alpha), "--targets", args.targets, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
+    if args.fused_adamw:
+        cmd += ["--fused-adamw"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if ":" in method:

@@ -211,6 +211,26 @@ def _thin(points: list, limit: int = CURVE_POINTS) -> list:
 
 # -- the trainer -----------------------------------------------------------------------------------
 
+def _collect_cycles() -> None:
+    """Free tensors held in reference cycles, but only from the main thread. In the window the
+    trainer runs in a worker thread, and a collection there could also destroy the GUI's own
+    objects from the wrong thread (a crash); the window collects from its own thread instead
+    (studio/gc_guard.py)."""
+    if threading.current_thread() is threading.main_thread():
+        gc.collect()
+
+
+def make_adamw(params: list[torch.Tensor], *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel over every tensor) where this torch has it for the params'
+    device, else the default implementation. The update is the same algorithm; over the 420 adapter
+    tensors of an all-linear SmolLM2 the fused step is several times faster on CPU (the
+    optimizer step is otherwise a few percent of the whole training step)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype the fused kernel lacks
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class Trainer:
     """Train one adapter as ``cfg`` says; see the module docstring for what a step is.
 
@@ -342,7 +362,7 @@ class Trainer:
 
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-        gc.collect()
+        _collect_cycles()
 
     # -- set-up ------------------------------------------------------------------------------------
     def _prepare_folder(self, resume: bool) -> Path | None:
@@ -458,7 +478,7 @@ class Trainer:
 
         # optimizer, schedule, scaler
         tr = cfg.train
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=tr.lr, weight_decay=tr.weight_decay)
+        self.optimizer = make_adamw(list(self.params.values()), lr=tr.lr, weight_decay=tr.weight_decay)
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         assert held == lora_ids, "the optimizer must hold the adapter's matrices and nothing else"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -704,7 +724,7 @@ class Trainer:
 
     def _oom_error(self, e: BaseException) -> StudioError:
         self.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
+        _collect_cycles()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         tr, d = self.cfg.train, self.cfg.data
@@ -837,7 +857,7 @@ class Trainer:
         moved = self.device.type != "cpu"
         if moved:
             self.model.to("cpu")
-        gc.collect()
+        _collect_cycles()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         elif self.device.type == "mps":
