@@ -304,6 +304,32 @@ def test_combine_creates_an_entry(qtbot, page, setup):
     assert Library().resolve("qv-svd2").rank == 2
 
 
+def test_combine_dialog_offers_exact_svd_and_task_merges(qtbot, page, setup):
+    from studio.pages.library import CombineDialog
+
+    entries = [setup["entries"]["qv-small"], setup["entries"]["qv-other"]]
+    d = CombineDialog(entries, title="Combine adapters", with_name=True)
+    qtbot.addWidget(d)
+    assert d.values()["mode"] == "exact" and d.values()["rank"] is None and not d.rank.isEnabled()
+    d.svd.setChecked(True)
+    assert d.rank.isEnabled() and not d.task_mode.isEnabled()
+    d.rank.setValue(3)
+    assert d.values()["mode"] == "svd" and d.values()["rank"] == 3
+    d.task.setChecked(True)
+    assert d.task_mode.isEnabled() and d.values()["mode"] == "ties"
+    d.task_mode.setCurrentIndex(d.task_mode.findData("dare_ties"))
+    assert d.values() == {"weights": [1.0, 1.0], "mode": "dare_ties", "rank": 3, "name": d.name.text().strip()}
+    from core import combine
+    assert {d.task_mode.itemData(i) for i in range(d.task_mode.count())} | {"exact", "svd"} == set(combine.MODES)
+    # and a task merge goes all the way through the page
+    page.select_ids([e.id for e in entries])
+    page.ask_combine = lambda entries, title, with_name: {"weights": [1.0, 1.0], "mode": "ties", "rank": 2,
+                                                          "name": "qv-ties"}
+    page.combine_button.click()
+    wait_idle(qtbot, page)
+    assert Library().resolve("qv-ties").rank == 2
+
+
 def test_export_merged_model_in_a_worker(qtbot, page, setup, tmp_path):
     page.select_name("qv-small")
     out = tmp_path / "merged"
