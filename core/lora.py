@@ -225,11 +225,18 @@ class AdapterParams(nn.ParameterDict):
     keep their own attribute, so parameter names read ``lora_A.default`` as before.
     """
 
+    _attrs: dict[str, str] = {}  # name -> attribute, memoised: the forward pass looks names up per layer
+
     def _key_to_attr(self, key: str) -> str:
-        key = super()._key_to_attr(key)
-        if "." not in key and not key.startswith("~") and not hasattr(_PLAIN_DICT, key):
-            return key
-        return "~" + key.replace("~", "~~").replace(".", "~d")
+        attr = self._attrs.get(key) if isinstance(key, str) else None
+        if attr is None:
+            key = super()._key_to_attr(key)
+            if "." not in key and not key.startswith("~") and not hasattr(_PLAIN_DICT, key):
+                attr = key
+            else:
+                attr = "~" + key.replace("~", "~~").replace(".", "~d")
+            self._attrs[key] = attr
+        return attr
 
 
 class LoRALinear(nn.Module):
