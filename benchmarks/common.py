@@ -239,3 +239,11 @@ def median(xs):
 def emit(result: dict) -> None:
     """A worker's result: one JSON line on stdout, marked so the parent finds it among other output."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write ``result`` to ``path`` (``--json-out``), creating its folder; nothing when path is None."""
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -13,7 +13,6 @@ file cache and is reported apart; the median is over the others.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -65,10 +64,7 @@ def main(argv=None) -> int:
               "median_process_s": statistics.median(walls)}
     print(f"median of {args.runs}: window shown in {result['median_shown_s']:.2f} s "
           f"(target < 2 s), process {result['median_process_s']:.2f} s")
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    common.write_json(args.json_out, result)
     return 0
 
 
