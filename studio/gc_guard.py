@@ -7,7 +7,8 @@ with a segmentation fault inside "Garbage-collecting" (seen in CI: a worker buil
 meta device collected a window closed by an earlier test).
 
 The guard does what PyQt's and pyqtgraph's users settled on: it turns automatic collection off and
-a timer in the GUI thread collects whenever the counts pass the usual thresholds. Collection then
+a timer in the GUI thread collects whenever the counts pass the usual thresholds (full collections
+at most once a minute, see FULL_EVERY_S). Collection then
 only ever happens between events of the GUI thread. Reference counting (which frees almost
 everything) is untouched; only cycles wait for the next tick (a quarter of a second).
 """
@@ -15,16 +16,24 @@ everything) is untouched; only cycles wait for the next tick (a quarter of a sec
 from __future__ import annotations
 
 import gc
+import time
 
 from PySide6.QtCore import QCoreApplication, QObject, QThread, QTimer
 
 INTERVAL_MS = 250
+FULL_EVERY_S = 60.0
+"""At most one full (generation 2) collection a minute. A full collection walks every Python object
+(torch, transformers and a model make a lot of them): 60-320 ms each in the heartbeat benchmark's
+process on this machine, a visible stall of the window. CPython itself
+postpones full collections until the long-lived objects grew by a quarter, a count Python does not
+expose, so the guard bounds them by time instead (generations 0 and 1 still run every tick)."""
 
 
 class _Collector(QObject):
     def __init__(self, parent: QObject):
         super().__init__(parent)
         self.threshold = gc.get_threshold()
+        self.last_full = time.monotonic()
         self.timer = QTimer(self)
         self.timer.timeout.connect(self.check)
         self.timer.start(INTERVAL_MS)
@@ -35,9 +44,11 @@ class _Collector(QObject):
             generation = 0
             if counts[1] > self.threshold[1]:
                 generation = 1
-                if counts[2] > self.threshold[2]:
+                if counts[2] > self.threshold[2] and time.monotonic() - self.last_full >= FULL_EVERY_S:
                     generation = 2
             gc.collect(generation)
+            if generation == 2:
+                self.last_full = time.monotonic()
 
 
 def install() -> bool:
