@@ -1,0 +1,160 @@
+"""Training step time of our LoRA, PEFT's LoRA and the floor, interleaved step by step in one process.
+
+    .venv/bin/python benchmarks/train_step_paired.py [--rounds 30] [--json-out benchmarks/results/train_step_paired-cpu.json]
+
+``train_step.py`` runs each method in its own process (the only way to measure each one's peak
+memory), a few steps each, rounds apart; on a shared machine whose speed drifts by ±10 % from one
+minute to the next, that cannot resolve a 10 % difference. This script measures time only, and
+pairs it: the three models (same checkpoint, same batch, same seeds and settings as
+``train_step.py``) live in one process, and each round runs one step of each, in an order that
+rotates from round to round, so drift and the position in the round hit every method alike. The
+ratios are taken within each round (ours ÷ PEFT, ours ÷ floor) and their median and interquartile
+range are reported, beside each method's median step.
+
+Settings as in train_step.py: SmolLM2-135M-Instruct by default, fp32, batch 4 × 128 tokens, r = 8,
+alpha = 16, all-linear, dropout 0, torch's AdamW (``--fused-adamw`` for the fused one), forward with
+labels + backward (+ optimizer step for the two LoRA methods); the floor freezes every weight and
+back-propagates to the input embeddings' output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+METHODS = ("ours", "peft", "floor")
+
+
+def build(method: str, folder: Path, args, x):
+    import torch
+
+    model = common.load_model(folder, args.device, args.dtype)
+    from core import targets
+
+    names = targets.resolve_targets(model, args.targets)
+    torch.manual_seed(0)  # the same seed before injection: ours and PEFT draw the same A
+    if method == "ours":
+        from core import lora
+
+        lora.inject_adapter(model, names, rank=args.rank, alpha=args.alpha, dropout=0.0,
+                            dtype=getattr(torch, args.dtype))
+        trainable = list(lora.lora_parameters(model).values())
+    elif method == "peft":
+        import peft
+
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                              target_modules="all-linear" if args.targets == "all-linear" else leaves,
+                              task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, cfg)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    else:
+        model.enable_input_require_grads()
+        trainable = []
+    model.train()
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True if args.fused_adamw else None) if trainable else None
+    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+
+    def step() -> float:
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        sync()
+        return value
+
+    return step, sum(p.numel() for p in trainable)
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default", help="'default' (the bundled SmolLM2-135M-Instruct) or a local folder")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default="all-linear")
+    p.add_argument("--rounds", type=int, default=30, help="timed rounds, one step of each method each (default 30)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each method first (default 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW for the LoRA methods")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = common.model_folder(args.model)
+    info = common.machine()
+    print(f"model {folder}\nmachine: {common.describe(info)}", file=sys.stderr)
+    from transformers import AutoConfig
+
+    x = common.token_batch(AutoConfig.from_pretrained(folder).vocab_size, args.batch, args.seq, args.device)
+    steps, trainable, first_losses = {}, {}, {}
+    for m in METHODS:
+        steps[m], trainable[m] = build(m, folder, args, x)
+        first_losses[m] = [steps[m]() for _ in range(args.warmup)]
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    started = time.time()
+    for r in range(args.rounds):
+        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+        for m in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+        if (r + 1) % 10 == 0:
+            print(f"  round {r + 1}: " + "  ".join(f"{m} {1000 * times[m][-1]:.0f} ms" for m in METHODS),
+                  file=sys.stderr)
+
+    ratios = {
+        "ours/peft": [a / b for a, b in zip(times["ours"], times["peft"])],
+        "ours/floor": [a / b for a, b in zip(times["ours"], times["floor"])],
+        "peft/floor": [a / b for a, b in zip(times["peft"], times["floor"])],
+        "ours/peft (CPU time)": [a / b for a, b in zip(cpu["ours"], cpu["peft"])],
+        "ours/floor (CPU time)": [a / b for a, b in zip(cpu["ours"], cpu["floor"])],
+    }
+    print(f"{args.batch} x {args.seq} tokens, r={args.rank}, alpha={args.alpha:g}, {args.targets}, {args.dtype} on "
+          f"{args.device}; {args.rounds} rounds, order rotating")
+    print(f"{'method':<8}{'median step':>13}{'CPU time':>11}{'trainable':>13}")
+    for m in METHODS:
+        print(f"{m:<8}{1000 * statistics.median(times[m]):>10.1f} ms{1000 * statistics.median(cpu[m]):>8.0f} ms"
+              f"{trainable[m]:>13,}")
+    print(f"{'ratio (within each round)':<26}{'median':>8}{'quartiles':>16}")
+    summary = {}
+    for name, xs in ratios.items():
+        q1, med, q3 = quartiles(xs)
+        summary[name] = {"median": round(med, 4), "q1": round(q1, 4), "q3": round(q3, 4)}
+        print(f"{name:<26}{med:>8.3f}    {q1:.3f} - {q3:.3f}")
+    diff = max(abs(a - b) for a, b in zip(first_losses["ours"], first_losses["peft"]))
+    print(f"first losses ours vs PEFT differ by at most {diff:.2e}")
+    print(f"machine: {common.describe(info)}; {time.time() - started:.0f} s")
+    common.write_json(args.json_out, {
+        "benchmark": "train_step_paired", "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
+        "machine": info, "trainable": trainable, "first_losses": first_losses,
+        "median_step_s": {m: statistics.median(times[m]) for m in METHODS},
+        "median_cpu_s": {m: statistics.median(cpu[m]) for m in METHODS},
+        "ratios": summary, "times": times, "cpu_times": cpu})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
