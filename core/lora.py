@@ -119,28 +119,33 @@ rounding; measured in benchmarks/README.md). Off gives the per-layer path, for c
 
 
 class _SharedAFunction(torch.autograd.Function):
-    """[A_1; A_2; ...]·xᵀ for adapters on layers that share the input x: one GEMM instead of one each.
+    """A_1·xᵀ, A_2·xᵀ, ... for adapters on layers that share the input x: one GEMM instead of one each.
 
-    Backward: one GEMM for the gradient of the stacked A's and one for x's share, where the
-    per-layer path runs one of each per layer.
+    The A's are stacked inside the forward and the result is handed out as one (r_i × N) row block
+    per layer, so neither the stacking nor the slicing becomes a node of its own in the graph.
+    Backward: the blocks' gradients are stacked again, and one GEMM gives the gradient of every A
+    and one gives x's share, where the per-layer path runs one of each per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, a_cat):
+    def forward(ctx, x, *a_list):
         x2 = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat(a_list)
         ctx.save_for_backward(x2, a_cat)
         ctx.shape = x.shape
-        return a_cat @ x2.t()  # (Σr, N)
+        ctx.ranks = [a.shape[0] for a in a_list]
+        return (a_cat @ x2.t()).split(ctx.ranks)  # (r_i, N) each
 
     @staticmethod
-    def backward(ctx, g_t):
+    def backward(ctx, *grads):
         x2, a_cat = ctx.saved_tensors
-        grad_x = grad_a = None
+        g_t = torch.cat(grads)  # (Σr, N)
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (g_t.t() @ a_cat).reshape(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            grad_a = g_t @ x2
-        return grad_x, grad_a
+        if any(ctx.needs_input_grad[1:]):
+            return (grad_x, *(g_t @ x2).split(ctx.ranks))
+        return (grad_x,) + (None,) * len(ctx.ranks)
 
 
 class _LoRABFunction(torch.autograd.Function):
@@ -194,16 +199,15 @@ class _SharedInput:
         version = -1 if x.is_inference() else x._version  # inference tensors have no counter
         if self.x is not x or self.version != version:
             self.x, self.rows = None, {}
-            use = [m for m in self.members if m._fusable(x, name)]
-            if len(use) < 2 or layer not in use:
+            use = []
+            for m in self.members:
+                f = m._fused(x)
+                if f is not None and f[0] == name:
+                    use.append((m, f[1]))
+            if len(use) < 2 or all(m is not layer for m, _ in use):
                 return None
-            a_cat = torch.cat([m.lora_A[name] for m in use])
-            xa_t = _SharedAFunction.apply(x, a_cat)
-            start = 0
-            for m in use:
-                r = m.lora_A[name].shape[0]
-                self.rows[id(m)] = xa_t[start:start + r]
-                start += r
+            blocks = _SharedAFunction.apply(x, *(a for _, a in use))
+            self.rows = {id(m): r for (m, _), r in zip(use, blocks)}
             self.x, self.version = x, version
         rows = self.rows.pop(id(layer), None)
         if not self.rows:
@@ -268,6 +272,7 @@ class LoRALinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self._shared: _SharedInput | None = None  # set by inject_adapter for q/k/v, gate/up, ...
+        self._plan_cache: tuple | None = None  # see _plan
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0,
@@ -390,28 +395,59 @@ class LoRALinear(nn.Module):
         self.merged.remove(name)
 
     # -- forward ---------------------------------------------------------------------------------
-    def _fusable(self, x: torch.Tensor, name: str) -> bool:
-        """Whether the fused path (one adapter ``name``, no dropout, frozen base) applies to ``x``."""
+    def _plan(self):
+        """``(name, A, B, s)`` of the one adapter the fused path would run, or None when it cannot
+        (several or no unmerged active adapters, dropout in training).
+
+        Called for every LoRA layer in every forward pass, so the answer is kept and only worked
+        out again when something it depends on changed: the active or merged lists, the training
+        flag, the adapter's scaling or dropout, or the A/B parameter objects themselves (replaced by
+        ``load_state_dict(assign=True)`` or ``Module.to`` with parameter swapping off)."""
+        c = self._plan_cache
+        if c is not None:
+            (active, merged, training, name, a, b, s, p, a_params, a_attr, b_params, b_attr) = c
+            if (active == self.active and merged == self.merged and training == self.training
+                    and a_params.get(a_attr) is a and b_params.get(b_attr) is b
+                    and self.scaling.get(name) == s and self.dropout_p.get(name) == p):
+                return c[3:7] if (p == 0.0 or not training) else None
         names = [n for n in self.active if n not in self.merged]
-        if names != [name]:
-            return False
-        w, bias, a = self.base_layer.weight, self.base_layer.bias, self.lora_A[name]
-        p = self.dropout_p[name] if self.training else 0.0
-        return (p == 0.0 and not w.requires_grad and (bias is None or not bias.requires_grad)
-                and x.dtype == w.dtype == a.dtype and not torch.is_autocast_enabled(x.device.type))
+        if len(names) != 1:
+            self._plan_cache = None
+            return None
+        name = names[0]
+        la, lb = self.lora_A, self.lora_B
+        a_attr, b_attr = la._key_to_attr(name), lb._key_to_attr(name)
+        a, b = la._parameters[a_attr], lb._parameters[b_attr]
+        s, p = self.scaling[name], self.dropout_p[name]
+        self._plan_cache = (list(self.active), list(self.merged), self.training, name, a, b, s, p,
+                            la._parameters, a_attr, lb._parameters, b_attr)
+        return (name, a, b, s) if (p == 0.0 or not self.training) else None
+
+    def _fused(self, x: torch.Tensor):
+        """:meth:`_plan` plus what depends on the call: a frozen base layer, one dtype for x, W and
+        A, no autocast. ``(name, A, B, s, W, bias)`` or None."""
+        plan = self._plan()
+        if plan is None:
+            return None
+        base = self.base_layer
+        w, bias = base.weight, base.bias
+        if (w.requires_grad or (bias is not None and bias.requires_grad)
+                or not x.dtype == w.dtype == plan[1].dtype or torch.is_autocast_enabled(x.device.type)):
+            return None
+        return plan + (w, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = [n for n in self.active if n not in self.merged]
-        if not names:
-            return self.base_layer(x)
-        if len(names) == 1 and self._fusable(x, names[0]):
-            n = names[0]
-            w, bias, b = self.base_layer.weight, self.base_layer.bias, self.lora_B[n]
+        f = self._fused(x)
+        if f is not None:
+            n, a, b, s, w, bias = f
             if self._shared is not None and FUSE_SHARED_INPUT:
                 rows = self._shared.rows_for(self, x, n)
                 if rows is not None:
-                    return _LoRABFunction.apply(x, w, bias, rows, b, self.scaling[n], self.transposed)
-            return _LoRAFunction.apply(x, w, bias, self.lora_A[n], b, self.scaling[n], self.transposed)
+                    return _LoRABFunction.apply(x, w, bias, rows, b, s, self.transposed)
+            return _LoRAFunction.apply(x, w, bias, a, b, s, self.transposed)
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return self.base_layer(x)
         result = self.base_layer(x)
         for n in names:
             a, b = self.lora_A[n], self.lora_B[n]
