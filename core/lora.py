@@ -106,7 +106,8 @@ class _LoRAFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
-# Layers that read the same input inside one block: their adapters' A can be applied in one GEMM.
+# Layers that read the same input inside one block (q/k/v, gate/up) are run as one group: the first
+# of them to be called computes every member's output in one autograd node, the others take theirs.
 # Grouping is by name (same parent module, same in_features); that they really get the same tensor
 # is checked at run time, call by call (see _SharedInput), so a wrong guess only costs the fusion.
 SHARED_INPUT_SETS = (
@@ -114,105 +115,122 @@ SHARED_INPUT_SETS = (
     {"gate_proj", "up_proj"}, {"w1", "w3"},
 )
 FUSE_SHARED_INPUT = True
-"""Whether sibling layers fed the same input compute their adapters' x·Aᵀ as one GEMM (exact to
-rounding; measured in benchmarks/README.md). Off gives the per-layer path, for comparisons."""
+"""Whether sibling layers fed the same input run as one group (exact to rounding; measured in
+benchmarks/README.md). Off gives the per-layer path, for comparisons."""
 
 
-class _SharedAFunction(torch.autograd.Function):
-    """A_1·xᵀ, A_2·xᵀ, ... for adapters on layers that share the input x: one GEMM instead of one each.
+def _base_out(x2, w, bias, transposed):
+    if transposed:  # Conv1D: weight is (d_in, d_out)
+        return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+    return F.linear(x2, w, bias)
 
-    The A's are stacked inside the forward and the result is handed out as one (r_i × N) row block
-    per layer, so neither the stacking nor the slicing becomes a node of its own in the graph.
-    Backward: the blocks' gradients are stacked again, and one GEMM gives the gradient of every A
-    and one gives x's share, where the per-layer path runs one of each per layer.
+
+class _GroupFunction(torch.autograd.Function):
+    """Every member's base(x) + s·(x·Aᵀ)·Bᵀ for layers that share the input x, as one node.
+
+    Forward: the members' A's are stacked and applied in one GEMM (Σr × N); each member's base
+    output gets its rows' LoRA term accumulated in place, as in :class:`_LoRAFunction`.
+    Backward: x's gradient is built in one buffer, ``g_1·W_1`` followed by ``addmm_`` of every
+    other member's ``g_i·W_i`` and of the LoRA share (one GEMM over the stacked A's), where
+    autograd would sum one full-width gradient per member; the stacked A's get their gradient from
+    one GEMM. One Python node per group instead of one per layer.
+
+    ``spec`` holds per member ``(transposed, scaling, rank)``; ``tensors`` per member
+    ``(weight, bias or None, A, B)``.
     """
 
     @staticmethod
-    def forward(ctx, x, *a_list):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x, spec, *tensors):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        ws, biases, a_list, b_list = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
         a_cat = torch.cat(a_list)
-        ctx.save_for_backward(x2, a_cat)
-        ctx.shape = x.shape
-        ctx.ranks = [a.shape[0] for a in a_list]
-        return (a_cat @ x2.t()).split(ctx.ranks)  # (r_i, N) each
+        xa_t = a_cat @ x2.t()  # (Σr, N): r rows per member (see _LoRAFunction)
+        rows = xa_t.split([r for _, _, r in spec])
+        outs = []
+        for (transposed, s, _), w, bias, b, xa in zip(spec, ws, biases, b_list, rows):
+            out = _base_out(x2, w, bias, transposed)
+            out.addmm_(xa.t(), b.t(), alpha=s)
+            outs.append(out.reshape(*shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(x2, a_cat, xa_t, *ws, *b_list)
+        ctx.spec, ctx.shape = spec, shape
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, a_cat = ctx.saved_tensors
-        g_t = torch.cat(grads)  # (Σr, N)
+        x2, a_cat, xa_t, *wb = ctx.saved_tensors
+        spec, k = ctx.spec, len(ctx.spec)
+        ws, b_list = wb[:k], wb[k:]
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_a = any(needs[4::4])
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+        ranks = [r for _, _, r in spec]
+        gb_t = None
+        if need_x or need_a:
+            # (Σr, N): each member's s·Bᵀ·gᵀ, written straight into its rows of one buffer
+            gb_t = xa_t.new_empty(xa_t.shape)
+            for (_, s, _), b, g, out in zip(spec, b_list, gs, gb_t.split(ranks)):
+                torch.mm(b.t().contiguous(), g.t(), out=out)
+                out.mul_(s)
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g_t.t() @ a_cat).reshape(ctx.shape)
-        if any(ctx.needs_input_grad[1:]):
-            return (grad_x, *(g_t @ x2).split(ctx.ranks))
-        return (grad_x,) + (None,) * len(ctx.ranks)
-
-
-class _LoRABFunction(torch.autograd.Function):
-    """base(x) + s·(A·xᵀ)ᵀ·Bᵀ where A·xᵀ (r × N) comes from :class:`_SharedAFunction`."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, xa_t, lora_b, scaling: float, transposed: bool):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if transposed:
-            out = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
-        else:
-            out = F.linear(x2, weight, bias)
-        out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(weight, lora_b, xa_t)
-        ctx.scaling, ctx.transposed, ctx.shape = scaling, transposed, shape
-        return out.reshape(*shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, lora_b, xa_t = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_xa = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ (weight.t() if ctx.transposed else weight)).reshape(ctx.shape)
-        if ctx.needs_input_grad[3]:
-            grad_xa = (lora_b.t().contiguous() @ g.t()).mul_(s)  # (r, N)
-        if ctx.needs_input_grad[4]:
-            grad_b = (xa_t @ g).mul_(s).t()
-        return grad_x, None, None, grad_xa, grad_b, None, None
+        if need_x:
+            for (transposed, _, _), w, g in zip(spec, ws, gs):
+                w = w.t() if transposed else w
+                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+            grad_x.addmm_(gb_t.t(), a_cat)
+            grad_x = grad_x.reshape(ctx.shape)
+        grad_as = (gb_t @ x2).split(ranks) if need_a else (None,) * k
+        result = [grad_x, None]
+        for i, ((_, s, _), xa, g) in enumerate(zip(spec, xa_t.split(ranks), gs)):
+            grad_b = (xa @ g).mul_(s).t() if needs[5 + 4 * i] else None
+            result += [None, None, grad_as[i] if needs[4 + 4 * i] else None, grad_b]
+        return tuple(result)
 
 
 class _SharedInput:
-    """The layers of one shared-input set in one block, and the x·Aᵀ of the current call.
+    """The layers of one shared-input set in one block, and the outputs of the current call.
 
-    The first member called with a tensor x computes the stacked A·xᵀ for every member able to use
-    it (one active, unmerged adapter of the same name, no dropout, same dtype) and hands each its
-    rows; the others take theirs if they are called with the very same tensor (``is`` and an
-    unchanged version counter), else they fall back to the per-layer path. The reference to x is
-    dropped as soon as every member has taken its rows.
+    The first member called with a tensor x runs :class:`_GroupFunction` for every member able to
+    use it (the same one active, unmerged adapter, no dropout, same dtype: see ``_fused``) and
+    keeps the others' outputs; each of those takes its own if it is called with the very same
+    tensor (``is`` and an unchanged version counter). The references are dropped as soon as every
+    member has taken its output. If a member is not called with that x (a model whose siblings read
+    different inputs after all), the outputs computed for it were wasted: the group then turns
+    itself off for good and every member runs alone.
     """
 
     def __init__(self, members):
         self.members = list(members)
         self.x = None
         self.version = -1
-        self.rows: dict[int, torch.Tensor] = {}
+        self.outs: dict[int, torch.Tensor] = {}
+        self.enabled = True
 
-    def rows_for(self, layer, x, name):
+    def output_for(self, layer, x, name):
+        if not self.enabled:
+            return None
         version = -1 if x.is_inference() else x._version  # inference tensors have no counter
         if self.x is not x or self.version != version:
-            self.x, self.rows = None, {}
+            if self.outs:  # a member did not take its output: the guess that they share x was wrong
+                self.x, self.outs, self.enabled = None, {}, False
+                return None
             use = []
             for m in self.members:
                 f = m._fused(x)
                 if f is not None and f[0] == name:
-                    use.append((m, f[1]))
+                    use.append((m, f))
             if len(use) < 2 or all(m is not layer for m, _ in use):
                 return None
-            blocks = _SharedAFunction.apply(x, *(a for _, a in use))
-            self.rows = {id(m): r for (m, _), r in zip(use, blocks)}
+            spec = tuple((m.transposed, f[3], f[1].shape[0]) for m, f in use)
+            tensors = [t for _, f in use for t in (f[4], f[5], f[1], f[2])]
+            outs = _GroupFunction.apply(x, spec, *tensors)
+            self.outs = {id(m): o for (m, _), o in zip(use, outs)}
             self.x, self.version = x, version
-        rows = self.rows.pop(id(layer), None)
-        if not self.rows:
+        out = self.outs.pop(id(layer), None)
+        if not self.outs:
             self.x = None
-        return rows
+        return out
 
 
 
@@ -441,9 +459,9 @@ class LoRALinear(nn.Module):
         if f is not None:
             n, a, b, s, w, bias = f
             if self._shared is not None and FUSE_SHARED_INPUT:
-                rows = self._shared.rows_for(self, x, n)
-                if rows is not None:
-                    return _LoRABFunction.apply(x, w, bias, rows, b, s, self.transposed)
+                out = self._shared.output_for(self, x, n)
+                if out is not None:
+                    return out
             return _LoRAFunction.apply(x, w, bias, a, b, s, self.transposed)
         names = [n for n in self.active if n not in self.merged]
         if not names:

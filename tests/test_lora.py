@@ -197,7 +197,7 @@ def test_refuses_unsupported_module(llama):
 
 
 def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch):
-    """q/k/v (and gate/up) adapters' x·Aᵀ as one GEMM: same logits and gradients as one per layer."""
+    """q/k/v (and gate/up) as one group: same logits, LoRA gradients and input gradient as one per layer."""
     model = copy.deepcopy(llama)
     lora.inject_adapter(model, targets.resolve_targets(model, "all-linear"), rank=4, alpha=8)
     g = torch.Generator().manual_seed(0)
@@ -207,15 +207,18 @@ def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch):
     model.train()
     x = token_batch()
     calls = []
-    fused_apply = lora._SharedAFunction.apply
-    monkeypatch.setattr(lora._SharedAFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    fused_apply = lora._GroupFunction.apply
+    monkeypatch.setattr(lora._GroupFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
 
     def run():
         for p in model.parameters():
             p.grad = None
-        logits = model(x).logits
+        emb = model.get_input_embeddings()(x).detach().requires_grad_()
+        logits = model(inputs_embeds=emb).logits
         logits.square().mean().backward()
-        return logits.detach(), {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}
+        grads = {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}
+        grads["input"] = emb.grad
+        return logits.detach(), grads
 
     fused_logits, fused_grads = run()
     assert len(calls) == 2 * llama.config.num_hidden_layers  # q/k/v and gate/up in every block
@@ -225,6 +228,45 @@ def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch):
     torch.testing.assert_close(fused_logits, plain_logits, atol=1e-6, rtol=1e-6)
     for k, v in plain_grads.items():
         torch.testing.assert_close(fused_grads[k], v, atol=1e-6 * v.abs().max().item(), rtol=0, msg=k)
+
+
+def test_shared_input_group_turns_itself_off_when_siblings_read_different_inputs():
+    """q and k named as siblings but fed different tensors: the group's guess is wrong, it must
+    notice, turn itself off and give the per-layer results (values and gradients)."""
+
+    class CrossAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(6, 4)
+            self.k_proj = torch.nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            return self.q_proj(x) * self.k_proj(y)
+
+    torch.manual_seed(0)
+    base = CrossAttention()
+    model = copy.deepcopy(base)
+    lora.inject_adapter(model, ["q_proj", "k_proj"], rank=2, alpha=4)
+    for p in lora.lora_parameters(model).values():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape))
+    x, y = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    reference = copy.deepcopy(model)
+    reference.q_proj._shared = reference.k_proj._shared = None
+    expected = reference(x, y)
+    expected.sum().backward()
+    want = [x.grad.clone(), y.grad.clone()] + [p.grad for p in lora.lora_parameters(reference).values()]
+    for _ in range(2):  # the first call computes k's output from x and wastes it; the second knows
+        x.grad = y.grad = None
+        for p in model.parameters():
+            p.grad = None
+        got = model(x, y)
+        got.sum().backward()
+        torch.testing.assert_close(got, expected)
+        grads = [x.grad, y.grad] + [p.grad for p in lora.lora_parameters(model).values()]
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w)
+    assert model.q_proj._shared is model.k_proj._shared and not model.q_proj._shared.enabled
 
 
 def test_shared_input_fusion_under_inference_mode(llama):
