@@ -15,6 +15,14 @@ Settings as in train_step.py: SmolLM2-135M-Instruct by default, fp32, batch 4 ×
 alpha = 16, all-linear, dropout 0, torch's AdamW (``--fused-adamw`` for the fused one), forward with
 labels + backward (+ optimizer step for the two LoRA methods); the floor freezes every weight and
 back-propagates to the input embeddings' output.
+
+``--variant NAME=FILE`` adds another version of the engine's ``core/lora.py`` (for instance
+``git show COMMIT:core/lora.py > /tmp/lora_old.py``) as a fourth method ``ours:NAME`` in the same
+rotation, and reports ours ÷ ours:NAME: what a change to the engine bought, measured the same way.
+
+``--infer`` measures inference instead, the same way: forward latency (inference mode, no labels)
+of the base model, of the model with a random-B adapter merged, and with it active but unmerged;
+ratios merged ÷ base and unmerged ÷ base within each round.
 """
 
 from __future__ import annotations
@@ -30,19 +38,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 METHODS = ("ours", "peft", "floor")
+INFER_METHODS = ("infer-base", "infer-merged", "infer-unmerged")
 
 
-def build(method: str, folder: Path, args, x):
+def load_variant(name: str, file: str):
+    """Load another version of core/lora.py as a module of its own (it imports core.errors only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"lora_variant_{name}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_infer(method: str, folder: Path, args, x):
     import torch
 
+    from core import lora, targets
+
+    model = common.load_model(folder, args.device, args.dtype)
+    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    trainable = 0
+    if method != "infer-base":
+        torch.manual_seed(0)
+        lora.inject_adapter(model, targets.resolve_targets(model, args.targets), rank=args.rank,
+                            alpha=args.alpha, dtype=getattr(torch, args.dtype))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a trained-looking adapter: B random, so ΔW is not zero
+            for p in lora.lora_parameters(model).values():
+                if p.shape[1] == args.rank and p.shape[0] != args.rank:
+                    p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+        trainable = sum(p.numel() for p in lora.lora_parameters(model).values())
+        if method == "infer-merged":
+            lora.merge_adapter(model)
+    model.eval()
+
+    def step() -> float:
+        with torch.inference_mode():
+            logits = model(input_ids=x, use_cache=False).logits
+        sync()
+        return float(logits[0, -1, 0])
+
+    return step, trainable
+
+
+def build(method: str, folder: Path, args, x, engine=None):
+    import torch
+
+    if method.startswith("infer"):
+        return build_infer(method, folder, args, x)
     model = common.load_model(folder, args.device, args.dtype)
     from core import targets
 
     names = targets.resolve_targets(model, args.targets)
     torch.manual_seed(0)  # the same seed before injection: ours and PEFT draw the same A
-    if method == "ours":
+    if method == "ours" or engine is not None:
         from core import lora
 
+        lora = engine or lora
         lora.inject_adapter(model, names, rank=args.rank, alpha=args.alpha, dropout=0.0,
                             dtype=getattr(torch, args.dtype))
         trainable = list(lora.lora_parameters(model).values())
@@ -94,8 +147,21 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW for the LoRA methods")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
+                   help="another version of core/lora.py, timed as method ours:NAME (repeatable)")
+    p.add_argument("--infer", action="store_true",
+                   help="time inference instead: base, adapter merged, adapter unmerged")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    variants = {}
+    for v in args.variant:
+        name, sep, file = v.partition("=")
+        if not sep or not name or not Path(file).is_file():
+            p.error(f"--variant {v}: expected NAME=FILE with FILE a copy of core/lora.py")
+        variants[f"ours:{name}"] = load_variant(name, file)
+    methods = INFER_METHODS if args.infer else METHODS + tuple(variants)
+    if args.infer and variants:
+        p.error("--variant times training steps; leave it out with --infer")
 
     import torch
 
@@ -108,35 +174,43 @@ def main(argv=None) -> int:
 
     x = common.token_batch(AutoConfig.from_pretrained(folder).vocab_size, args.batch, args.seq, args.device)
     steps, trainable, first_losses = {}, {}, {}
-    for m in METHODS:
-        steps[m], trainable[m] = build(m, folder, args, x)
+    for m in methods:
+        steps[m], trainable[m] = build(m, folder, args, x, variants.get(m))
         first_losses[m] = [steps[m]() for _ in range(args.warmup)]
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     started = time.time()
     for r in range(args.rounds):
-        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
         for m in order:
             c0, t0 = time.process_time(), time.perf_counter()
             steps[m]()
             times[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
         if (r + 1) % 10 == 0:
-            print(f"  round {r + 1}: " + "  ".join(f"{m} {1000 * times[m][-1]:.0f} ms" for m in METHODS),
+            print(f"  round {r + 1}: " + "  ".join(f"{m} {1000 * times[m][-1]:.0f} ms" for m in methods),
                   file=sys.stderr)
 
-    ratios = {
-        "ours/peft": [a / b for a, b in zip(times["ours"], times["peft"])],
-        "ours/floor": [a / b for a, b in zip(times["ours"], times["floor"])],
-        "peft/floor": [a / b for a, b in zip(times["peft"], times["floor"])],
-        "ours/peft (CPU time)": [a / b for a, b in zip(cpu["ours"], cpu["peft"])],
-        "ours/floor (CPU time)": [a / b for a, b in zip(cpu["ours"], cpu["floor"])],
-    }
+    def within(a, b, t=times):
+        return [x / y for x, y in zip(t[a], t[b])]
+
+    if args.infer:
+        ratios = {"merged/base": within("infer-merged", "infer-base"),
+                  "unmerged/base": within("infer-unmerged", "infer-base"),
+                  "merged/base (CPU time)": within("infer-merged", "infer-base", cpu)}
+    else:
+        ratios = {"ours/peft": within("ours", "peft"), "ours/floor": within("ours", "floor"),
+                  "peft/floor": within("peft", "floor"),
+                  "ours/peft (CPU time)": within("ours", "peft", cpu),
+                  "ours/floor (CPU time)": within("ours", "floor", cpu)}
+    for m in variants:
+        ratios[f"ours/{m}"] = within("ours", m)
+        ratios[f"{m}/floor"] = within(m, "floor")
     print(f"{args.batch} x {args.seq} tokens, r={args.rank}, alpha={args.alpha:g}, {args.targets}, {args.dtype} on "
           f"{args.device}; {args.rounds} rounds, order rotating")
-    print(f"{'method':<8}{'median step':>13}{'CPU time':>11}{'trainable':>13}")
-    for m in METHODS:
-        print(f"{m:<8}{1000 * statistics.median(times[m]):>10.1f} ms{1000 * statistics.median(cpu[m]):>8.0f} ms"
+    print(f"{'method':<16}{'median step':>13}{'CPU time':>11}{'trainable':>13}")
+    for m in methods:
+        print(f"{m:<16}{1000 * statistics.median(times[m]):>10.1f} ms{1000 * statistics.median(cpu[m]):>8.0f} ms"
               f"{trainable[m]:>13,}")
     print(f"{'ratio (within each round)':<26}{'median':>8}{'quartiles':>16}")
     summary = {}
@@ -144,14 +218,18 @@ def main(argv=None) -> int:
         q1, med, q3 = quartiles(xs)
         summary[name] = {"median": round(med, 4), "q1": round(q1, 4), "q3": round(q3, 4)}
         print(f"{name:<26}{med:>8.3f}    {q1:.3f} - {q3:.3f}")
-    diff = max(abs(a - b) for a, b in zip(first_losses["ours"], first_losses["peft"]))
-    print(f"first losses ours vs PEFT differ by at most {diff:.2e}")
+    if args.infer:
+        diff = max(abs(a - b) for a, b in zip(first_losses["infer-merged"], first_losses["infer-unmerged"]))
+        print(f"a logit of the merged and the unmerged model differs by {diff:.2e}")
+    else:
+        diff = max(abs(a - b) for a, b in zip(first_losses["ours"], first_losses["peft"]))
+        print(f"first losses ours vs PEFT differ by at most {diff:.2e}")
     print(f"machine: {common.describe(info)}; {time.time() - started:.0f} s")
     common.write_json(args.json_out, {
         "benchmark": "train_step_paired", "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
         "machine": info, "trainable": trainable, "first_losses": first_losses,
-        "median_step_s": {m: statistics.median(times[m]) for m in METHODS},
-        "median_cpu_s": {m: statistics.median(cpu[m]) for m in METHODS},
+        "median_step_s": {m: statistics.median(times[m]) for m in methods},
+        "median_cpu_s": {m: statistics.median(cpu[m]) for m in methods},
         "ratios": summary, "times": times, "cpu_times": cpu})
     return 0
 
