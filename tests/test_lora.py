@@ -269,6 +269,34 @@ def test_shared_input_group_turns_itself_off_when_siblings_read_different_inputs
     assert model.q_proj._shared is model.k_proj._shared and not model.q_proj._shared.enabled
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_shared_input_groups_under_gradient_checkpointing(llama, reentrant):
+    """Checkpointing recomputes each block in the backward pass: the groups must give the same
+    gradients as without it, and stay on (every member takes its output in the recomputation too)."""
+    model = copy.deepcopy(llama)
+    lora.inject_adapter(model, targets.resolve_targets(model, "all-linear"), rank=4, alpha=8)
+    for p in lora.lora_parameters(model).values():
+        with torch.no_grad():
+            p.add_(0.05)
+    model.train()
+    x = token_batch()
+
+    def grads():
+        for p in model.parameters():
+            p.grad = None
+        model(x, labels=x).loss.backward()
+        return {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    for _ in range(2):
+        checkpointed = grads()
+        for k, v in plain.items():
+            torch.testing.assert_close(checkpointed[k], v, msg=k)
+    groups = {id(layer._shared): layer._shared for _, layer in lora.lora_layers(model) if layer._shared}
+    assert groups and all(g.enabled and not g.outs for g in groups.values())
+
+
 def test_shared_input_fusion_under_inference_mode(llama):
     """Inference tensors carry no version counter; the fused path must still run (and agree)."""
     model = copy.deepcopy(llama)
