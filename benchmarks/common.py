@@ -232,6 +232,19 @@ def timed(fn, steps: int, warmup: int, sync) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
+def peft_model(model, names, args):
+    """PEFT's LoRA on the same modules as ours (``names``: qualified names), r, alpha, dropout 0;
+    returns the wrapped model and its trainable parameters."""
+    import peft
+
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                          target_modules="all-linear" if args.targets == "all-linear" else leaves,
+                          task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, cfg)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

@@ -128,14 +128,7 @@ def worker(args) -> dict:
                             dtype=getattr(torch, args.dtype))
         trainable = list(lora.lora_parameters(model).values())
     elif method in ("peft", "infer-peft"):
-        import peft
-
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                              target_modules="all-linear" if args.targets == "all-linear" else leaves,
-                              task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, cfg)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        model, trainable = common.peft_model(model, names, args)
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -100,14 +100,7 @@ def build(method: str, folder: Path, args, x, engine=None):
                             dtype=getattr(torch, args.dtype))
         trainable = list(lora.lora_parameters(model).values())
     elif method == "peft":
-        import peft
-
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                              target_modules="all-linear" if args.targets == "all-linear" else leaves,
-                              task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, cfg)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        model, trainable = common.peft_model(model, names, args)
     else:
         model.enable_input_require_grads()
         trainable = []
