@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import sys
 import threading
 import time
 import traceback
@@ -254,14 +256,39 @@ class Worker(QObject):
         return False
 
 
+WORKER_NICE = 5
+"""How much lower than the window's thread a worker thread runs (Linux nice levels)."""
+
+
+def _lower_priority() -> None:
+    """Give this (worker) thread a nice level WORKER_NICE above the one it has, on Linux.
+
+    Training keeps every core busy with torch's threads, and the window's thread then has to wait
+    for a time slice to repaint or answer a click. A nice level is a property of each Linux thread
+    and the threads a thread creates inherit it; torch's OpenMP threads are created by the thread
+    that first runs a parallel operation, so a job's compute threads run at the lower priority too,
+    and the scheduler lets the window's thread run first when it wakes. The job loses almost
+    nothing: the window uses little CPU. (Qt's QThread priorities do nothing for ordinary threads on
+    Linux.) Elsewhere, or where the call is refused, nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
+    except OSError:
+        pass
+
+
 class _Runner(QThread):
-    """The thread of one worker: runs its job once."""
+    """The thread of one worker: runs its job once, at a lower priority than the window."""
 
     def __init__(self, worker: Worker):
         super().__init__()
         self.worker = worker
 
     def run(self) -> None:  # worker thread
+        _lower_priority()
         self.worker._run()
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +132,31 @@ def test_function_worker_result_progress_and_cancel(qtbot):
         qtbot.wait(50)
         w2.cancel()
     assert results == []  # no result after a cancel
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread nice levels are Linux's")
+def test_worker_threads_and_the_threads_they_start_run_below_the_window(qtbot):
+    """A job's thread, and a thread it starts (as torch's OpenMP threads are), are WORKER_NICE
+    nice levels below the GUI thread, so the window gets the CPU first while a run trains."""
+    from studio.workers import WORKER_NICE, FunctionWorker, start
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def job(*, progress, cancelled):
+        inner = []
+        t = threading.Thread(target=lambda: inner.append(nice()))
+        t.start()
+        t.join()
+        return nice(), inner[0]
+
+    w = FunctionWorker(job)
+    got = []
+    w.finished.connect(got.append)
+    with qtbot.waitSignals([w.finished, w.done], order="strict", timeout=LONG):
+        start(w)
+    expected = min(19, nice() + WORKER_NICE)
+    assert got == [(expected, expected)]
 
 
 def test_worker_errors_become_one_message(qtbot):
