@@ -232,6 +232,25 @@ def timed(fn, steps: int, warmup: int, sync) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
+def device_sync(device: str):
+    """A function that waits for the device's queued work (CUDA), or does nothing (CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def randomise_lora_b(model) -> None:
+    """Give every LoRA B (ours or PEFT's) small random values (seed 1), so ΔW is not zero, as for a
+    trained adapter: merging then really changes the weights."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+
+
 def peft_model(model, names, args):
     """PEFT's LoRA on the same modules as ours (``names``: qualified names), r, alpha, dropout 0;
     returns the wrapped model and its trainable parameters."""

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = common.model_folder(args.model)
-    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    sync = common.device_sync(args.device)
 
     def clock(fn):
         sync()

@@ -93,16 +93,6 @@ def _targets(model, spec):
     return targets.resolve_targets(model, spec)
 
 
-def _randomise_b(params, dtype):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in params:
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
-
-
 def worker(args) -> dict:
     import torch
 
@@ -116,7 +106,7 @@ def worker(args) -> dict:
     model = common.load_model(Path(args.folder), device, args.dtype)
     load_s = time.perf_counter() - t_load
     x = common.token_batch(model.config.vocab_size, args.batch, args.seq, device)
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    sync = common.device_sync(device)
     names = _targets(model, args.targets)
     result: dict = {"method": args.worker, "load_s": round(load_s, 2)}
 
@@ -141,7 +131,7 @@ def worker(args) -> dict:
 
     if method.startswith("infer"):
         if method != "infer-base":
-            _randomise_b(model.named_parameters(), args.dtype)
+            common.randomise_lora_b(model)
         if method == "infer-merged":
             lora.merge_adapter(model)
         model.eval()

@@ -57,17 +57,13 @@ def build_infer(method: str, folder: Path, args, x):
     from core import lora, targets
 
     model = common.load_model(folder, args.device, args.dtype)
-    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    sync = common.device_sync(args.device)
     trainable = 0
     if method != "infer-base":
         torch.manual_seed(0)
         lora.inject_adapter(model, targets.resolve_targets(model, args.targets), rank=args.rank,
                             alpha=args.alpha, dtype=getattr(torch, args.dtype))
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # a trained-looking adapter: B random, so ΔW is not zero
-            for p in lora.lora_parameters(model).values():
-                if p.shape[1] == args.rank and p.shape[0] != args.rank:
-                    p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+        common.randomise_lora_b(model)
         trainable = sum(p.numel() for p in lora.lora_parameters(model).values())
         if method == "infer-merged":
             lora.merge_adapter(model)
@@ -106,7 +102,7 @@ def build(method: str, folder: Path, args, x, engine=None):
         trainable = []
     model.train()
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True if args.fused_adamw else None) if trainable else None
-    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    sync = common.device_sync(args.device)
 
     def step() -> float:
         loss = model(input_ids=x, labels=x, use_cache=False).loss

@@ -51,6 +51,13 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     raise StudioError(f"{type(module).__name__} cannot carry a LoRA adapter; supported: {SUPPORTED_TYPES}")
 
 
+def _base_out(x2, w, bias, transposed):
+    """The frozen layer's output for 2-D input: x·Wᵀ + b, or x·W + b for Conv1D (W is d_in × d_out)."""
+    if transposed:
+        return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+    return F.linear(x2, w, bias)
+
+
 class _LoRAFunction(torch.autograd.Function):
     """base(x) + s·(x·Aᵀ)·Bᵀ with a hand-written backward.
 
@@ -73,10 +80,7 @@ class _LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, transposed: bool):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if transposed:  # Conv1D: weight is (d_in, d_out)
-            out = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
-        else:
-            out = F.linear(x2, weight, bias)
+        out = _base_out(x2, weight, bias, transposed)
         xa_t = lora_a @ x2.t()  # (r, N): A·xᵀ, r rows (see the class docstring)
         out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, xa_t)
@@ -117,12 +121,6 @@ SHARED_INPUT_SETS = (
 FUSE_SHARED_INPUT = True
 """Whether sibling layers fed the same input run as one group (exact to rounding; measured in
 benchmarks/README.md). Off gives the per-layer path, for comparisons."""
-
-
-def _base_out(x2, w, bias, transposed):
-    if transposed:  # Conv1D: weight is (d_in, d_out)
-        return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
-    return F.linear(x2, w, bias)
 
 
 class _GroupFunction(torch.autograd.Function):
@@ -423,11 +421,11 @@ class LoRALinear(nn.Module):
         ``load_state_dict(assign=True)`` or ``Module.to`` with parameter swapping off)."""
         c = self._plan_cache
         if c is not None:
-            (active, merged, training, name, a, b, s, p, a_params, a_attr, b_params, b_attr) = c
+            (active, merged, training, name, a, b, s, p, a_params, a_attr, b_params, b_attr, plan) = c
             if (active == self.active and merged == self.merged and training == self.training
                     and a_params.get(a_attr) is a and b_params.get(b_attr) is b
                     and self.scaling.get(name) == s and self.dropout_p.get(name) == p):
-                return c[3:7] if (p == 0.0 or not training) else None
+                return plan
         names = [n for n in self.active if n not in self.merged]
         if len(names) != 1:
             self._plan_cache = None
@@ -437,9 +435,10 @@ class LoRALinear(nn.Module):
         a_attr, b_attr = la._key_to_attr(name), lb._key_to_attr(name)
         a, b = la._parameters[a_attr], lb._parameters[b_attr]
         s, p = self.scaling[name], self.dropout_p[name]
+        plan = (name, a, b, s) if (p == 0.0 or not self.training) else None
         self._plan_cache = (list(self.active), list(self.merged), self.training, name, a, b, s, p,
-                            la._parameters, a_attr, lb._parameters, b_attr)
-        return (name, a, b, s) if (p == 0.0 or not self.training) else None
+                            la._parameters, a_attr, lb._parameters, b_attr, plan)
+        return plan
 
     def _fused(self, x: torch.Tensor):
         """:meth:`_plan` plus what depends on the call: a frozen base layer, one dtype for x, W and

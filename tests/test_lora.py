@@ -244,8 +244,7 @@ def test_shared_input_group_turns_itself_off_when_siblings_read_different_inputs
             return self.q_proj(x) * self.k_proj(y)
 
     torch.manual_seed(0)
-    base = CrossAttention()
-    model = copy.deepcopy(base)
+    model = CrossAttention()
     lora.inject_adapter(model, ["q_proj", "k_proj"], rank=2, alpha=4)
     for p in lora.lora_parameters(model).values():
         with torch.no_grad():
