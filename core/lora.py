@@ -94,20 +94,28 @@ class _LoRAFunction(torch.autograd.Function):
         x2, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+        needs = ctx.needs_input_grad
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            # (r, N): the gradient reaching the middle of B·A, transposed; Bᵀ made contiguous
-            # (r × d_out, a tiny copy) so the GEMM reads it row by row.
-            gb_t = lora_b.t().contiguous() @ g.t()
-            if ctx.needs_input_grad[0]:
-                grad_x = g @ (weight.t() if ctx.transposed else weight)
-                grad_x.addmm_(gb_t.t(), lora_a, alpha=s)
-                grad_x = grad_x.reshape(ctx.shape)
-            if ctx.needs_input_grad[3]:
-                grad_a = (gb_t @ x2).mul_(s)  # (r, d_in)
-        if ctx.needs_input_grad[4]:
-            grad_b = (xa_t @ g).mul_(s).t()  # (r, d_out) computed, returned as (d_out, r)
+        # Every product that reads g runs back to back, while g is still in cache: on a CPU these
+        # r-wide GEMMs are bound by memory traffic, not arithmetic (benchmarks/README.md).
+        # (r, N): the gradient reaching the middle of B·A, transposed and not yet scaled by s; Bᵀ
+        # made contiguous (r × d_out, a tiny copy) so the GEMM reads it row by row.
+        gb_t = lora_b.t().contiguous() @ g.t() if (needs[0] or needs[3]) else None
+        if needs[4]:  # (r, d_out) computed, returned as (d_out, r); s applied inside the GEMM
+            grad_b = torch.addmm(_zero(g), xa_t, g, beta=0, alpha=s).t()
+        if needs[0]:
+            grad_x = g @ (weight.t() if ctx.transposed else weight)
+            grad_x.addmm_(gb_t.t(), lora_a, alpha=s)
+            grad_x = grad_x.reshape(ctx.shape)
+        if needs[3]:
+            grad_a = torch.addmm(_zero(g), gb_t, x2, beta=0, alpha=s)  # (r, d_in)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of ``like``'s dtype and device: the ignored ``input`` of ``addmm(beta=0)``, which
+    applies the LoRA scaling inside the GEMM (alpha) instead of in a separate pass (bit-identical)."""
+    return like.new_zeros(())
 
 
 # Layers that read the same input inside one block (q/k/v, gate/up) are run as one group: the first
@@ -162,27 +170,38 @@ class _GroupFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_a = any(needs[4::4])
-        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
         ranks = [r for _, _, r in spec]
-        gb_t = None
-        if need_x or need_a:
-            # (Σr, N): each member's s·Bᵀ·gᵀ, written straight into its rows of one buffer
-            gb_t = xa_t.new_empty(xa_t.shape)
-            for (_, s, _), b, g, out in zip(spec, b_list, gs, gb_t.split(ranks)):
-                torch.mm(b.t().contiguous(), g.t(), out=out)
-                out.mul_(s)
+        scales = {s for _, s, _ in spec}
+        # one scaling for every member (the usual case: one adapter) is applied inside the GEMMs
+        # that use Bᵀ·gᵀ; otherwise each member's rows are scaled where they are written
+        s_all = scales.pop() if len(scales) == 1 else None
+        gb_t = xa_t.new_empty(xa_t.shape) if (need_x or need_a) else None  # (Σr, N)
+        zero = _zero(x2)
         grad_x = None
-        if need_x:
-            for (transposed, _, _), w, g in zip(spec, ws, gs):
+        grad_bs = []
+        # member by member, every product that reads its g back to back while g is in cache
+        # (r-wide GEMMs are bound by memory traffic on a CPU): Bᵀ·gᵀ into its rows of gb_t, B's
+        # gradient, then its share of x's gradient, accumulated in one buffer
+        gb_rows = gb_t.split(ranks) if gb_t is not None else (None,) * k
+        for i, ((transposed, s, _), w, b, xa, out, grad) in enumerate(
+                zip(spec, ws, b_list, xa_t.split(ranks), gb_rows, grads)):
+            g = grad.reshape(-1, grad.shape[-1])
+            if out is not None:
+                torch.mm(b.t().contiguous(), g.t(), out=out)
+                if s_all is None:
+                    out.mul_(s)
+            grad_bs.append(torch.addmm(zero, xa, g, beta=0, alpha=s).t() if needs[5 + 4 * i] else None)
+            if need_x:
                 w = w.t() if transposed else w
                 grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
-            grad_x.addmm_(gb_t.t(), a_cat)
+        s_gb = 1.0 if s_all is None else s_all
+        if need_x:
+            grad_x.addmm_(gb_t.t(), a_cat, alpha=s_gb)
             grad_x = grad_x.reshape(ctx.shape)
-        grad_as = (gb_t @ x2).split(ranks) if need_a else (None,) * k
+        grad_as = torch.addmm(zero, gb_t, x2, beta=0, alpha=s_gb).split(ranks) if need_a else (None,) * k
         result = [grad_x, None]
-        for i, ((_, s, _), xa, g) in enumerate(zip(spec, xa_t.split(ranks), gs)):
-            grad_b = (xa @ g).mul_(s).t() if needs[5 + 4 * i] else None
-            result += [None, None, grad_as[i] if needs[4 + 4 * i] else None, grad_b]
+        for i in range(k):
+            result += [None, None, grad_as[i] if needs[4 + 4 * i] else None, grad_bs[i]]
         return tuple(result)
 
 

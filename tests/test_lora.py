@@ -196,10 +196,16 @@ def test_refuses_unsupported_module(llama):
         lora.inject_adapter(llama, ["model.embed_tokens"])
 
 
-def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch):
-    """q/k/v (and gate/up) as one group: same logits, LoRA gradients and input gradient as one per layer."""
+@pytest.mark.parametrize("mixed_scaling", [False, True], ids=["one-scaling", "mixed-scaling"])
+def test_shared_input_fusion_equals_the_per_layer_path(llama, monkeypatch, mixed_scaling):
+    """q/k/v (and gate/up) as one group: same logits, LoRA gradients and input gradient as one per
+    layer; also when the members' scalings differ (an adapter with an alpha_pattern)."""
     model = copy.deepcopy(llama)
     lora.inject_adapter(model, targets.resolve_targets(model, "all-linear"), rank=4, alpha=8)
+    if mixed_scaling:
+        for name, layer in lora.lora_layers(model):
+            if name.endswith(("k_proj", "up_proj")):
+                layer.scaling["default"] *= 3.0
     g = torch.Generator().manual_seed(0)
     for p in lora.lora_parameters(model).values():
         with torch.no_grad():
