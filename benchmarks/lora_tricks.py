@@ -61,8 +61,8 @@ def small_model(folder: Path, blocks: int, vocab: int):
 
 
 def build_variants(base, args):
-    """``{variant: (model, switches, plain)}``: ``switches`` are set on ``core.lora`` while that
-    variant runs; ``plain`` makes every LoRA layer take the textbook autograd path."""
+    """``{variant: model}``, each its own copy of ``base``'s weights (see :func:`time_engine` for how
+    ``plain``, ``function`` and ``groups`` differ while they run)."""
     import torch
 
     from core import lora, targets
@@ -80,7 +80,7 @@ def build_variants(base, args):
             lora.inject_adapter(model, names, rank=args.rank, alpha=args.alpha)
         common.randomise_lora_b(model)  # B = 0 would let nothing flow through B·A's gradient paths
         model.train()
-        out[v] = (model, {"FUSE_SHARED_INPUT": v == "groups"}, v == "plain")
+        out[v] = model
     return out
 
 
@@ -93,14 +93,12 @@ def time_engine(args, folder):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     variants = build_variants(base, args)
-    own_fused = lora.LoRALinear._fused
+    own_fused, own_groups = lora.LoRALinear._fused, lora.FUSE_SHARED_INPUT
 
     def step(v):
-        model, switches, plain = variants[v]
-        saved = {k: getattr(lora, k) for k in switches}
-        for k, val in switches.items():
-            setattr(lora, k, val)
-        if plain:
+        model = variants[v]
+        lora.FUSE_SHARED_INPUT = v == "groups"  # "function": the autograd function layer by layer
+        if v == "plain":
             lora.LoRALinear._fused = lambda self, x: None  # the textbook path, autograd throughout
         try:
             c0, t0 = time.thread_time(), time.perf_counter()
@@ -109,8 +107,7 @@ def time_engine(args, folder):
             c1, t1 = time.thread_time(), time.perf_counter()
         finally:
             lora.LoRALinear._fused = own_fused
-            for k, val in saved.items():
-                setattr(lora, k, val)
+            lora.FUSE_SHARED_INPUT = own_groups
         for p in model.parameters():
             p.grad = None
         return c1 - c0, t1 - t0, float(loss.detach())
