@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from core import adapter, lora, targets
 from core.errors import StudioError
 
-peft = pytest.importorskip("peft")
+import peft
 
 ATOL = 1e-5
 
@@ -284,8 +284,7 @@ def test_fingerprint_is_saved_and_a_different_base_warns(tmp_path):
     base = tiny_llama(seed=0)
     adapter.save_adapter(_ours(base, "attention-qv"), tmp_path / "ad", base_model="tiny")
     files = adapter.read_adapter(tmp_path / "ad")
-    if not files.studio.get("fingerprint"):
-        pytest.skip("core.models.fingerprint is not available")
+    assert files.studio.get("fingerprint"), "save_adapter must record the base model's fingerprint"
     assert adapter.fingerprint_warning(files, base) is None
     warning = adapter.fingerprint_warning(files, tiny_llama(seed=1))
     assert warning and "different weights" in warning

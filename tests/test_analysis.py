@@ -181,7 +181,7 @@ def test_inspect_prints_the_adapter_and_its_analysis(capsys, saved, checkpoint):
 
 
 def test_inspect_a_peft_adapter(capsys, llama, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "peft")
     code, out, err = _inspect(capsys, tmp_path / "peft")

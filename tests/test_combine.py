@@ -62,7 +62,7 @@ def test_exact_is_the_weighted_sum_of_deltas(arch, tmp_path):
                                atol=ATOL, rtol=ATOL)
     # it saves as a PEFT adapter (rank_pattern for the modules only one adapter has) and PEFT agrees
     adapter.write_adapter(out, tmp_path / "sum", base_model="tiny", model=base)
-    peft = pytest.importorskip("peft")
+    import peft
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "sum"))
@@ -70,7 +70,7 @@ def test_exact_is_the_weighted_sum_of_deltas(arch, tmp_path):
 
 
 def test_exact_equals_peft_cat(llama, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     one = _trained(llama, "attention-qv", 4, 8, seed=1)
     two = _trained(llama, "attention-qv", 2, 6, seed=2)
     for ad, name in ((one, "one"), (two, "two")):
@@ -147,7 +147,7 @@ def test_combination_refuses_what_does_not_add_up(llama):
 @pytest.mark.parametrize("mode", ["ties", "dare_linear", "dare_ties"])
 def test_task_merges_equal_peft_add_weighted_adapter(llama, tmp_path, monkeypatch, mode):
     """TIES and DARE as PEFT's ``<mode>_svd`` computes them: same ΔW per module, same logits."""
-    peft = pytest.importorskip("peft")
+    import peft
     from peft.utils import merge_utils
 
     one = _trained(llama, "attention", 4, 8, seed=1)

@@ -17,8 +17,8 @@ from conftest import tiny_checkpoint
 from core import export
 from core.errors import StudioError
 
-peft = pytest.importorskip("peft")
-adapter_io = pytest.importorskip("core.adapter")
+import peft
+import core.adapter as adapter_io
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 1]])
 
@@ -199,7 +199,7 @@ def test_tied_lm_head_adapter_is_refused(tmp_path):
 
 
 def test_svd_combination_when_core_combine_has_it(ckpt, tmp_path):
-    combine = pytest.importorskip("core.combine")
+    import core.combine as combine
     a = peft_adapter(tmp_path / "a", ckpt, seed=1)
     b = peft_adapter(tmp_path / "b", ckpt, seed=2)
     out = tmp_path / "svd"

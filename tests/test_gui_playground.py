@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("pytestqt")
+import pytestqt  # noqa: F401  (a missing module fails, never skips)
 
 from core import lora  # noqa: E402
 from core.generate import generate  # noqa: E402

@@ -20,8 +20,8 @@ from conftest import tiny_llama
 from core.errors import StudioError
 from core.library import Library, clean_name, slugify
 
-peft = pytest.importorskip("peft")
-adapter_io = pytest.importorskip("core.adapter")
+import peft
+import core.adapter as adapter_io
 
 
 def peft_adapter(folder: Path, model=None, *, targets=("q_proj", "v_proj"), r=4, alpha=8, seed=1, **extra) -> Path:

@@ -11,7 +11,7 @@ from conftest import tiny_gpt2, tiny_llama, token_batch
 from core import lora, targets
 from core.errors import StudioError
 
-peft = pytest.importorskip("peft")
+import peft
 
 
 def _models():
