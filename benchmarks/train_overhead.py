@@ -91,7 +91,7 @@ def bare(args) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _Factor(tr.steps, tr.warmup, tr.scheduler))
     # borrow the trainer's data order and loss so both do exactly the same arithmetic
     t = Trainer(cfg)
-    t.train_set, t.device, t.autocast_dtype, t.pad_id = prepared.train, lm.device, None, lm.tokenizer.pad_token_id
+    t.train_set, t.device, t.pad_id = prepared.train, lm.device, lm.tokenizer.pad_token_id
     t.consumed, t._perm_epoch, t._perm = 0, -1, None
     trained = np.array([e.trained_tokens - (1 if e.labels and e.labels[0] != -100 else 0) for e in prepared.train])
     lengths = prepared.train.lengths

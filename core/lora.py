@@ -39,6 +39,19 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer (checked without importing
+    bitsandbytes). Such layers subclass nn.Linear, but their weight is packed: LoRA wraps them, the
+    base output and its gradient are computed by bitsandbytes, and nothing is merged into them."""
+    return type(module).__module__.startswith("bitsandbytes.")
+
+
+def quant_name(module: nn.Module) -> str:
+    """``nf4``, ``fp4`` or ``int8`` for a bitsandbytes layer (its weight's quant type)."""
+    qs = getattr(module.weight, "quant_type", None)
+    return str(qs) if qs else "int8"
+
+
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a Linear or Conv1D, whichever way its weight is stored."""
     if isinstance(module, LoRALinear):
@@ -81,12 +94,14 @@ class _LoRAFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         out = _base_out(x2, weight, bias, transposed)
-        xa_t = lora_a @ x2.t()  # (r, N): A·xᵀ, r rows (see the class docstring)
-        out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa_t)
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # fp32 master weights → the compute dtype
+        xa_t = a @ x2.t()  # (r, N): A·xᵀ, r rows (see the class docstring)
+        out.addmm_(xa_t.t(), b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, a, b, xa_t)
         ctx.scaling = scaling
         ctx.transposed = transposed
         ctx.shape = shape
+        ctx.master = lora_a.dtype
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -109,13 +124,62 @@ class _LoRAFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.shape)
         if needs[3]:
             grad_a = torch.addmm(_zero(g), gb_t, x2, beta=0, alpha=s)  # (r, d_in)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, _master(grad_a, ctx.master), _master(grad_b, ctx.master), None, None
+
+
+def _master(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient computed in the compute dtype, handed back in the adapter's own (fp32) dtype."""
+    return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
     """A 0-d zero of ``like``'s dtype and device: the ignored ``input`` of ``addmm(beta=0)``, which
     applies the LoRA scaling inside the GEMM (alpha) instead of in a separate pass (bit-identical)."""
     return like.new_zeros(())
+
+
+class _LoRAAddFunction(torch.autograd.Function):
+    """base_out + s·(x·Aᵀ)·Bᵀ for a base layer we cannot compute ourselves (a bitsandbytes 4-bit or
+    8-bit layer: its own kernels de-quantise, and for int8 also quantise x, so its output and its
+    input gradient are bitsandbytes' own, exactly as under PEFT). The LoRA term is accumulated into
+    ``base_out`` in place (``mark_dirty``; the quantised matmul's backward does not read its
+    output), in the base output's dtype, and the backward adds only the LoRA share of x's gradient:
+    autograd sums it with the base layer's."""
+
+    @staticmethod
+    def forward(ctx, x, base_out, lora_a, lora_b, scaling: float):
+        cd = base_out.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(cd)
+        a, b = lora_a.to(cd), lora_b.to(cd)
+        xa_t = a @ x2.t()  # (r, N), as in _LoRAFunction
+        if base_out.is_contiguous():
+            base_out.view(-1, base_out.shape[-1]).addmm_(xa_t.t(), b.t(), alpha=scaling)
+            ctx.mark_dirty(base_out)
+            out = base_out
+        else:
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), xa_t.t(), b.t(), alpha=scaling)
+            out = out.reshape(base_out.shape)
+        ctx.save_for_backward(x2, a, b, xa_t)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.master = scaling, x.shape, x.dtype, lora_a.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, a, b, xa_t = ctx.saved_tensors
+        s, needs = ctx.scaling, ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+        gb_t = b.t().contiguous() @ g.t() if (needs[0] or needs[2]) else None  # (r, N)
+        grad_b = torch.addmm(_zero(g), xa_t, g, beta=0, alpha=s).t() if needs[3] else None
+        grad_x = torch.mm(gb_t.t(), a).mul_(s).reshape(ctx.x_shape).to(ctx.x_dtype) if needs[0] else None
+        grad_a = torch.addmm(_zero(g), gb_t, x2, beta=0, alpha=s) if needs[2] else None
+        return grad_x, grad_out, _master(grad_a, ctx.master), _master(grad_b, ctx.master), None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    get = getattr(torch, "get_autocast_dtype", None)  # torch ≥ 2.4
+    if get is not None:
+        return get(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
 # Layers that read the same input inside one block (q/k/v, gate/up) are run as one group: the first
@@ -149,8 +213,9 @@ class _GroupFunction(torch.autograd.Function):
     def forward(ctx, x, spec, *tensors):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        ws, biases, a_list, b_list = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
-        a_cat = torch.cat(a_list)
+        ws, biases, a_list = tensors[0::4], tensors[1::4], tensors[2::4]
+        b_list = [b.to(x.dtype) for b in tensors[3::4]]  # fp32 master weights → the compute dtype
+        a_cat = torch.cat(a_list).to(x.dtype)
         xa_t = a_cat @ x2.t()  # (Σr, N): r rows per member (see _LoRAFunction)
         rows = xa_t.split([r for _, _, r in spec])
         outs = []
@@ -159,7 +224,7 @@ class _GroupFunction(torch.autograd.Function):
             out.addmm_(xa.t(), b.t(), alpha=s)
             outs.append(out.reshape(*shape[:-1], out.shape[-1]))
         ctx.save_for_backward(x2, a_cat, xa_t, *ws, *b_list)
-        ctx.spec, ctx.shape = spec, shape
+        ctx.spec, ctx.shape, ctx.master = spec, shape, a_list[0].dtype
         return tuple(outs)
 
     @staticmethod
@@ -201,7 +266,8 @@ class _GroupFunction(torch.autograd.Function):
         grad_as = torch.addmm(zero, gb_t, x2, beta=0, alpha=s_gb).split(ranks) if need_a else (None,) * k
         result = [grad_x, None]
         for i in range(k):
-            result += [None, None, grad_as[i] if needs[4 + 4 * i] else None, grad_bs[i]]
+            grad_a = grad_as[i] if needs[4 + 4 * i] else None
+            result += [None, None, _master(grad_a, ctx.master), _master(grad_bs[i], ctx.master)]
         return tuple(result)
 
 
@@ -308,6 +374,10 @@ class LoRALinear(nn.Module):
         self.merged: list[str] = []
         self._shared: _SharedInput | None = None  # set by inject_adapter for q/k/v, gate/up, ...
         self._plan_cache: tuple | None = None  # see _plan
+        self.quantized = is_quantized(base_layer)
+        # The base weight as loaded, kept while an adapter is merged into a bf16/fp16 weight (see
+        # merge): a buffer so that Module.to moves it, not persistent so no state_dict carries it.
+        self.register_buffer("_pristine", None, persistent=False)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0,
@@ -397,37 +467,78 @@ class LoRALinear(nn.Module):
     def merge(self, name: str) -> None:
         """W ← W + s·B·A, computed in fp32; refuses (and leaves W as it was) if a value is not finite.
 
-        The merged weight is built out of place (one ``addmm``, W + s·B·A, when everything is fp32),
-        checked, and only then copied into W, so a refused merge leaves W untouched.
+        fp32 weights: the merged weight is built out of place (one ``addmm``), checked, then copied
+        into W; :meth:`unmerge` subtracts it again in place (exact to fp32 rounding, ~1e-7).
+
+        bf16/fp16 weights: W0 + ΔW rounded to 8 (or 11) significant bits cannot be unrounded, so
+        a subtraction would leave a rounding error in W0 after every merge/unmerge cycle, and
+        swapping adapters would drift the base. Instead the weight as loaded is kept (``_pristine``,
+        one copy of this layer's weight while anything is merged into it: for all-linear targets
+        about the size of the model's linear layers in its dtype) and W is always rebuilt as
+        round(W0 + Σ merged ΔW) from it, so unmerging the last adapter restores W0 bit for bit.
+
+        A 4-bit or 8-bit (bitsandbytes) base cannot take a merge in place: refused; such an adapter
+        runs unmerged, and ``merge``/export writes a de-quantised merged model instead.
         """
         if name in self.merged:
             return
+        if self.quantized:
+            raise StudioError(f"adapter '{name}' cannot be merged into a quantised ({quant_name(self.base_layer)}) "
+                              "layer in place", hint="use it unmerged, or export a merged model")
         w = self.base_layer.weight
         fast = self._fp32_delta_args(name)
         if fast is not None:
             m1, m2, s = fast
             merged = torch.addmm(w.detach(), m1, m2, alpha=s)
+        elif w.dtype == torch.float32:
+            merged = w.detach() + self.delta_weight(name).to(w.device)
         else:
-            merged = w.detach().float() + self.delta_weight(name).to(w.device)
+            merged = self._rebuilt(self.merged + [name])
         if not torch.isfinite(merged).all():
             raise StudioError(f"merging adapter '{name}' gives non-finite weights; the adapter is broken")
         with torch.no_grad():
+            if w.dtype != torch.float32 and self._pristine is None:
+                self._pristine = w.detach().clone()
             w.copy_(merged.to(w.dtype))
         self.merged.append(name)
 
+    def _rebuilt(self, names: list[str]) -> torch.Tensor:
+        """W0 + Σ ΔW of ``names`` in fp32, from the weight as loaded (bf16/fp16 weights only)."""
+        w0 = self._pristine if self._pristine is not None else self.base_layer.weight.detach()
+        out = w0.float()
+        for n in names:
+            out += self.delta_weight(n).to(out.device)
+        return out
+
     def unmerge(self, name: str) -> None:
-        """W ← W − s·B·A (the inverse of :meth:`merge`, in fp32; in place when W is fp32)."""
+        """Take adapter ``name`` out of W: W − s·B·A in place for fp32; for bf16/fp16, W0 + the other
+        merged ΔW's rebuilt from the kept weight (W0 itself, bit for bit, once nothing is merged)."""
         if name not in self.merged:
             return
         w = self.base_layer.weight
+        rest = [n for n in self.merged if n != name]
         fast = self._fp32_delta_args(name)
         with torch.no_grad():
             if fast is not None:
                 m1, m2, s = fast
                 w.addmm_(m1, m2, alpha=-s)
-            else:
+            elif w.dtype == torch.float32 or self._pristine is None:
                 w.copy_((w.detach().float() - self.delta_weight(name).to(w.device)).to(w.dtype))
+            elif rest:
+                w.copy_(self._rebuilt(rest).to(w.dtype))
+            else:
+                w.copy_(self._pristine)
+                self._pristine = None
         self.merged.remove(name)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as loaded, whatever is merged (fp32 weights: W − Σ merged ΔW, exact to fp32 rounding)."""
+        if self._pristine is not None:
+            return self._pristine
+        w = self.base_layer.weight.detach()
+        if not self.merged:
+            return w
+        return (w.float() - sum(self.delta_weight(n).to(w.device) for n in self.merged)).to(w.dtype)
 
     # -- forward ---------------------------------------------------------------------------------
     def _plan(self):
@@ -460,15 +571,22 @@ class LoRALinear(nn.Module):
         return plan
 
     def _fused(self, x: torch.Tensor):
-        """:meth:`_plan` plus what depends on the call: a frozen base layer, one dtype for x, W and
-        A, no autocast. ``(name, A, B, s, W, bias)`` or None."""
+        """:meth:`_plan` plus what depends on the call: a frozen, unquantised base layer whose
+        weight has x's dtype (the compute dtype; under autocast, also autocast's dtype), A and B on
+        x's device. ``(name, A, B, s, W, bias)`` or None.
+
+        A and B may be in another dtype than x: the adapter is kept in fp32 (master weights, as
+        PEFT does by default) while a bf16/fp16 base computes in its own dtype; the autograd
+        functions cast A and B to x's dtype for the products and hand their gradients back in fp32.
+        """
         plan = self._plan()
         if plan is None:
             return None
         base = self.base_layer
         w, bias = base.weight, base.bias
-        if (w.requires_grad or (bias is not None and bias.requires_grad)
-                or not x.dtype == w.dtype == plan[1].dtype or torch.is_autocast_enabled(x.device.type)):
+        if (w.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != w.dtype
+                or plan[1].device != x.device or (torch.is_autocast_enabled(x.device.type)
+                                                  and _autocast_dtype(x.device.type) != x.dtype)):
             return None
         return plan + (w, bias)
 
@@ -481,6 +599,11 @@ class LoRALinear(nn.Module):
                 if out is not None:
                     return out
             return _LoRAFunction.apply(x, w, bias, a, b, s, self.transposed)
+        if self.quantized:
+            plan = self._plan()
+            if plan is not None and plan[1].device == x.device:
+                _, a, b, s = plan
+                return _LoRAAddFunction.apply(x, self.base_layer(x), a, b, s)
         names = [n for n in self.active if n not in self.merged]
         if not names:
             return self.base_layer(x)
