@@ -306,6 +306,11 @@ def write_adapter(adapter: AdapterFiles, folder: str | Path, *, base_model: str 
         archs = getattr(cfg, "architectures", None) or [type(model).__name__]
         info["base_model"]["architecture"] = archs[0]
         info["fingerprint"] = _model_fingerprint(model)
+        from core.quant import quantization_of
+
+        held = quantization_of(model)
+        if held != "none":  # a 4-bit/8-bit base (QLoRA): say which
+            info["base_model"]["quantization"] = held
     add(studio or {})  # ... then the caller's facts (dataset, training, loss curve, ...), which win
     with atomic.staged_folder(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

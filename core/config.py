@@ -20,6 +20,13 @@ PRESETS = ("attention-qv", "attention", "mlp", "all-linear")
 SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE = ("none", "nf4", "int8")
+"""What ``--quantize`` accepts (core.quant does the work; the list lives here, where reading a
+config or building the window imports no torch)."""
+QUANTIZE_LABELS = {"none": "none", "nf4": "nf4 (4-bit)", "int8": "int8 (8-bit)"}
+"""How the window names them."""
+QUANTIZE_PIP = "pip install 'bitsandbytes>=0.50'"
+"""What ``nf4``/``int8`` need installed (0.50 is the first bitsandbytes to run 4-bit on the CPU)."""
 FORMATS = ("auto", "instruction", "chat", "prompt-completion", "text")
 INITS = ("kaiming", "gaussian")
 
@@ -34,6 +41,11 @@ class ModelConfig:
     precision: str = "auto"
     """``auto`` (bf16 on a CUDA card that supports it, else fp16 with loss scaling; fp32 elsewhere),
     ``fp32``, ``bf16`` or ``fp16``."""
+    quantize: str = "none"
+    """``none``, ``nf4`` or ``int8``: hold the base's linear layers (not the output head, not the
+    embeddings) in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes, computing in ``precision``. A 7B
+    base needs ~4 GB in nf4 instead of 14 GB in bf16; the adapter is the same PEFT folder.
+    Needs ``pip install bitsandbytes``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more time."""
     trust_remote_code: bool = False
@@ -186,6 +198,8 @@ class RunConfig:
             p.append(f"--device: '{m.device}' is not one of {', '.join(DEVICES)}")
         if m.precision not in PRECISIONS:
             p.append(f"--precision: '{m.precision}' is not one of {', '.join(PRECISIONS)}")
+        if m.quantize not in QUANTIZE:
+            p.append(f"--quantize: '{m.quantize}' is not one of {', '.join(QUANTIZE)}")
         if not isinstance(lo.rank, int) or lo.rank < 1:
             p.append(f"--rank: must be a whole number of at least 1 (got {lo.rank!r})")
         elif lo.rank > 1024:

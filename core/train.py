@@ -392,7 +392,7 @@ class Trainer:
             self._status("loading", f"loading {cfg.model.source}", 0.0)
             self.loaded = _Owned(models.load_model(
                 cfg.model.source, device=self._device_spec or cfg.model.device, precision=cfg.model.precision,
-                trust_remote_code=cfg.model.trust_remote_code,
+                trust_remote_code=cfg.model.trust_remote_code, quantize=cfg.model.quantize,
                 progress=lambda m, f: self._status("loading", m, f)))
         lm = self.loaded.inner if isinstance(self.loaded, _Owned) else self.loaded
         model, tokenizer = lm.model, lm.tokenizer

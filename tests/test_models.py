@@ -21,10 +21,13 @@ from core.errors import StudioError
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer Llama GGUF in F32 with a byte-level BPE tokenizer (the conftest one) in its metadata,
-    as llama.cpp's converter would write it."""
+def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, matrices: str = "F32") -> Path:
+    """A 2-layer Llama GGUF with a byte-level BPE tokenizer (the conftest one) in its metadata, as
+    llama.cpp's converter would write it. ``matrices``: the weight matrices' type (``F32``, ``F16``
+    or a quantisation such as ``Q8_0``); norms stay F32, as llama.cpp keeps them."""
     import gguf
+
+    qtype = gguf.GGMLQuantizationType[matrices]
 
     tok = tiny_tokenizer()
     state = json.loads(tok.backend_tokenizer.to_str())
@@ -55,7 +58,13 @@ def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     w.add_chat_template(tok.chat_template)
 
     def t(name, *shape):
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, values.astype(np.float16))
+        elif qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, values)
 
     t("token_embd.weight", n_vocab, h)
     w.add_tensor("output_norm.weight", np.ones(h, dtype=np.float32))
@@ -94,6 +103,15 @@ def fake_hf_cache(root: Path, repo_id: str, files: dict[str, bytes | Path], repo
         blob.write_bytes(data)
         (snap / name).symlink_to(os.path.relpath(blob, snap))
     return snap
+
+
+def assert_same_weights(model, reference):
+    """Every tensor of ``model`` (loaded in fp32) equals the reference's, widened to fp32: the
+    converted cache holds exactly the values transformers reads from the GGUF in that dtype."""
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k, v in ours.items():
+        assert v.dtype == torch.float32 and torch.equal(v, theirs[k].float()), k
 
 
 def logits_of(model, ids):
@@ -324,6 +342,38 @@ def test_gguf_conversion_is_cached_and_faithful(tmp_path, monkeypatch):
     assert models.remove_user_model(src) and not again.exists()
 
 
+@pytest.mark.parametrize("matrices, dtype", [("Q8_0", "bfloat16"), ("F16", "float16"), ("F32", "float32")])
+def test_gguf_conversion_keeps_a_quantised_file_in_bf16_and_a_float_file_in_its_width(tmp_path, matrices, dtype):
+    """A quantised GGUF becomes a bf16 checkpoint (not fp32: a 7B Q4 file would be 28 GB), a float
+    GGUF keeps its own width; the cached model computes what the GGUF read in that dtype does."""
+    from transformers import AutoModelForCausalLM
+
+    src = write_tiny_gguf(tmp_path / f"tiny-{matrices}.gguf", matrices=matrices)
+    folder = models.checkpoint_folder(str(src))
+    assert models._folder_dtype(folder) == dtype
+    assert json.loads((folder / "config.json").read_text())["dtype"] == dtype
+    assert json.loads((folder / models.SOURCE_FILE).read_text())["dtype"] == dtype
+    loaded = models.load_model(str(src), device="cpu", precision="fp32")
+    reference = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=getattr(torch, dtype))
+    assert_same_weights(loaded.model, reference)
+
+
+def test_a_version_1_fp32_conversion_is_not_taken_for_a_new_one(tmp_path):
+    """Caches written before quantised GGUFs went to bf16 (key without a version) are converted again
+    and the old folder removed, never read as if they were current."""
+    import hashlib
+
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", matrices="Q8_0")
+    st = src.stat()
+    old_key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    old = models.models_dir() / f"tiny-{old_key}"
+    old.mkdir(parents=True)
+    (old / models.SOURCE_FILE).write_text(json.dumps({"gguf": str(src.resolve()), "dtype": "float32"}))
+    folder = models.checkpoint_folder(str(src))
+    assert folder != old and not old.exists()
+    assert models._folder_dtype(folder) == "bfloat16"
+
+
 # -- config, tokenizer, loading --------------------------------------------------------------------
 
 
@@ -505,7 +555,7 @@ def test_activation_model_matches_what_autograd_keeps(arch, selection, dtype):
     per_layer, _ = models._layer_bytes_per_token(
         cfg, [t for t in targets_mod.list_targets(model) if t.block.endswith(".0") and
               t.name in set(targets_mod.resolve_targets(model, selection))],
-        {t.role for t in targets_mod.list_targets(model)}, s, dtype == torch.float32, 8)
+        {t.role for t in targets_mod.list_targets(model)}, s, 8)
     # the estimate's saved part: all but the logits (held by the output, not saved) and the backward's
     # transient gradients
     saved = est["activations"] - batch * seq * (cfg.vocab_size * s + max(cfg.vocab_size * 8, per_layer))
@@ -586,8 +636,8 @@ def test_bundled_default_converts_once_and_matches_the_gguf():
     tok = loaded.tokenizer
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id and tok.chat_template
     gguf = models.bundled_gguf()
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    torch.testing.assert_close(logits_of(model, ids), logits_of(reference, ids), rtol=0, atol=0)
+    assert models._folder_dtype(folder) == "bfloat16"  # a Q4_1 file: kept in bf16, not widened to fp32
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    assert_same_weights(model, reference)  # the GGUF's values rounded to bf16, as the cache holds them
     s = models.summary("default")
     assert (s["parameters"], s["layers"], s["context_length"], s["converted"]) == (134515008, 30, 8192, True)

@@ -23,3 +23,17 @@ def load() -> list[ModuleType]:
             if e.name != f"studio.commands.{name}":
                 raise
     return found
+
+
+QUANTIZE_HELP = ("hold the base model's linear layers (not the output head) in 4-bit NF4 (QLoRA) or "
+                 "8-bit with bitsandbytes, computing in --precision: about a quarter (nf4) or half (int8) "
+                 "of the bf16 weights' memory; needs 'pip install bitsandbytes'")
+
+
+def add_quantize_option(parser, *, default: str | None = None, prefix: str = "") -> None:
+    """``--quantize none|nf4|int8`` on a command that loads a model (or estimates its memory), with
+    one help text for all of them. ``default`` None lets ``train --config FILE`` keep the file's."""
+    from core.config import QUANTIZE  # no torch: core.config imports none
+
+    shown = f" (default: {default})" if default else " (default: none)"
+    parser.add_argument("--quantize", choices=QUANTIZE, default=default, help=prefix + QUANTIZE_HELP + shown)

@@ -10,6 +10,8 @@ from core.errors import StudioError
 
 
 def register(sub) -> None:
+    from studio.commands import add_quantize_option
+
     t = sub.add_parser(
         "targets", help="list a model's adaptable modules by block, and what a selection costs",
         description="List the modules LoRA can adapt (by block, with role and shape), the exact "
@@ -30,6 +32,7 @@ def register(sub) -> None:
     t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="for the memory estimate: the base weights' precision (default: auto, what "
                         "training with --device auto picks on this machine)")
+    add_quantize_option(t, default="none", prefix="for the memory estimate: ")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="for the memory estimate: recompute activations in the backward pass")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -51,7 +54,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     b = targets.budget(model, chosen, args.rank)
     memory = models.estimate_memory(model.config, batch_size=args.batch_size, seq_len=args.max_length,
                                     rank=args.rank, targets=sorted(chosen), precision=args.precision,
-                                    gradient_checkpointing=args.gradient_checkpointing)
+                                    gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize)
     if args.json:
         print(json.dumps({
             "modules": [dict(t.to_dict(), selected=t.name in chosen) for t in found],
@@ -70,7 +73,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
     print(f"{b.modules} modules selected; {b.trainable:,} trainable parameters at r={args.rank} "
           f"({100 * b.share:.3f}% of {b.total:,}); adapter file about {b.adapter_bytes / 2**20:.1f} MiB")
     gib = 2**30
-    print(f"training memory at batch {args.batch_size} x {args.max_length} tokens, {memory['precision']}"
+    quantized = f", linear layers {memory['quantize']}" if memory["quantize"] != "none" else ""
+    print(f"training memory at batch {args.batch_size} x {args.max_length} tokens, {memory['precision']}{quantized}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}: about "
           f"{memory['total'] / gib:.2f} GiB (weights {memory['weights'] / gib:.2f}, adapter + gradients + "
           f"AdamW {(memory['adapter'] + memory['gradients'] + memory['optimizer']) / gib:.2f}, activations "

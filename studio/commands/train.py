@@ -21,6 +21,7 @@ from core.errors import StudioError
 # flag dest -> (section, field) of RunConfig
 _MAP = {
     "model": ("model", "source"), "device": ("model", "device"), "precision": ("model", "precision"),
+    "quantize": ("model", "quantize"),
     "gradient_checkpointing": ("model", "gradient_checkpointing"),
     "trust_remote_code": ("model", "trust_remote_code"),
     "targets": ("lora", "targets"), "rank": ("lora", "rank"), "alpha": ("lora", "alpha"),
@@ -39,6 +40,7 @@ _MAP = {
 
 def register(sub) -> None:
     from core.config import FORMATS, PRECISIONS, SCHEDULERS
+    from studio.commands import add_quantize_option
 
     t = sub.add_parser(
         "train", help="train one LoRA adapter headless, with a progress bar",
@@ -95,6 +97,7 @@ def register(sub) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="base weights: auto (bf16/fp16 on CUDA, fp32 elsewhere), fp32, bf16, fp16")
+    add_quantize_option(g)
     g.add_argument("--gradient-checkpointing", action=B, default=None,
                    help="recompute activations in the backward pass: less memory, about a third slower")
     g.add_argument("--trust-remote-code", action=B, default=None,

@@ -1,5 +1,6 @@
-"""The Model page: which base model to adapt, on which device and in which precision, what it is,
-and what one training step will need in memory with the current settings.
+"""The Model page: which base model to adapt, on which device, in which precision and whether its
+linear layers are held in 4 or 8 bits (QLoRA, core.quant), what it is, and what one training step
+will need in memory with the current settings.
 
 The list comes from ``core.models.list_models`` (bundled default, local Hugging Face cache, folders
 and GGUF files the user added), read in a worker because it imports torch. The summary and the
@@ -10,12 +11,14 @@ depends on changes.
 
 from __future__ import annotations
 
+import importlib.util
+
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from core.config import DEVICES, PRECISIONS
+from core.config import DEVICES, PRECISIONS, QUANTIZE, QUANTIZE_LABELS, QUANTIZE_PIP
 from studio import workers
 from studio.pages import Page, setting
 from studio.widgets import format_bytes, format_count
@@ -50,7 +53,12 @@ def _estimate(config, kwargs, device: str):
     return mem
 
 
-def _load(spec, device, precision, trust, *, progress, cancelled):
+def _bitsandbytes_found() -> bool:
+    """core.quant.available() without importing torch (the window shows before torch is loaded)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _load(spec, device, precision, trust, quantize, *, progress, cancelled):
     from core import models
     from core.errors import Cancelled
 
@@ -60,7 +68,7 @@ def _load(spec, device, precision, trust, *, progress, cancelled):
         progress((message, fraction))
 
     return models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
-                             progress=report)
+                             quantize=quantize, progress=report)
 
 
 class ModelPage(Page):
@@ -121,17 +129,33 @@ class ModelPage(Page):
         self.precision.addItems(PRECISIONS)
         self.precision.setToolTip("auto: bf16 on a CUDA card that supports it, else fp16 with loss "
                                   "scaling; fp32 on the CPU")
+        self.quantize = QComboBox()
+        for method in QUANTIZE:
+            self.quantize.addItem(QUANTIZE_LABELS[method], method)
+        if _bitsandbytes_found():
+            self.quantize.setToolTip("Hold the base model's linear layers (not the output head) in 4-bit "
+                                     "NF4 (QLoRA) or 8 bits with bitsandbytes: about a quarter or half of "
+                                     "the bf16 weights' memory; the adapter stays full precision")
+        else:
+            self.quantize.setEnabled(False)
+            self.quantize.setToolTip(f"bitsandbytes is not installed: run {QUANTIZE_PIP} in the studio's "
+                                     "environment, then restart the studio")
         self.checkpointing = QCheckBox("Gradient checkpointing (less memory, ~⅓ slower)")
         self.trust = QCheckBox("Allow this model's own code to run (trust_remote_code)")
         self.trust.setToolTip("Off unless you trust the model's authors: its Python files would run")
         self.device.currentTextChanged.connect(self._on_device)
         self.precision.currentTextChanged.connect(self._on_device)
+        self.quantize.currentIndexChanged.connect(self._on_device)
         self.checkpointing.toggled.connect(self._on_device)
         self.trust.toggled.connect(self._on_trust)
         run_box = QGroupBox("Where it runs")
         rf = QFormLayout(run_box)
         rf.addRow("Device", self.device)
-        rf.addRow("Precision", self.precision)
+        precision_row = QHBoxLayout()
+        precision_row.addWidget(self.precision, 1)
+        precision_row.addWidget(QLabel("Quantize"))
+        precision_row.addWidget(self.quantize, 1)
+        rf.addRow("Precision", precision_row)
         rf.addRow(self.checkpointing)
         rf.addRow(self.trust)
 
@@ -304,6 +328,9 @@ class ModelPage(Page):
             combo.blockSignals(True)
             combo.setCurrentText(value)
             combo.blockSignals(False)
+        self.quantize.blockSignals(True)
+        self.quantize.setCurrentIndex(max(0, self.quantize.findData(m.quantize)))
+        self.quantize.blockSignals(False)
         for box, value in ((self.checkpointing, m.gradient_checkpointing), (self.trust, m.trust_remote_code)):
             box.blockSignals(True)
             box.setChecked(value)
@@ -313,6 +340,7 @@ class ModelPage(Page):
         m = self.state.config.model
         m.device = self.device.currentText()
         m.precision = self.precision.currentText()
+        m.quantize = self.quantize.currentData() or "none"
         m.gradient_checkpointing = self.checkpointing.isChecked()
         self.state.changed("model")
 
@@ -372,7 +400,7 @@ class ModelPage(Page):
     def _estimate_args(self) -> dict:
         c = self.state.config
         return dict(batch_size=c.train.batch_size, seq_len=c.data.max_length, rank=c.lora.rank,
-                    targets=c.lora.targets, precision=c.model.precision,
+                    targets=c.lora.targets, precision=c.model.precision, quantize=c.model.quantize,
                     gradient_checkpointing=c.model.gradient_checkpointing)
 
     def _start_estimate(self) -> None:
@@ -400,9 +428,11 @@ class ModelPage(Page):
         for key, lab in self.memory_labels.items():
             lab.setText(format_bytes(mem.get(key)))
         c = self.state.config
+        held = mem.get("quantize", "none")
         self.memory_note.setText(
             f"batch {c.train.batch_size} × {c.data.max_length} tokens, r = {c.lora.rank}, "
-            f"{mem.get('precision', '')}{', checkpointing' if c.model.gradient_checkpointing else ''}. "
+            f"{mem.get('precision', '')}{'' if held == 'none' else ', linear layers ' + held}"
+            f"{', checkpointing' if c.model.gradient_checkpointing else ''}. "
             "Peak of one step beyond the program itself.")
 
     def _memory_failed(self, message: str) -> None:
@@ -416,7 +446,7 @@ class ModelPage(Page):
         if self._load_worker is not None:
             return
         m = self.state.config.model
-        w = workers.FunctionWorker(_load, m.source, m.device, m.precision, m.trust_remote_code)
+        w = workers.FunctionWorker(_load, m.source, m.device, m.precision, m.trust_remote_code, m.quantize)
         self._load_worker = w
         self.load_button.setEnabled(False)
         self.cancel_button.show()
@@ -441,7 +471,8 @@ class ModelPage(Page):
 
     def _on_load_finished(self, loaded) -> None:
         self.state.set_loaded(loaded)
-        self.progress_label.setText(f"Loaded on {loaded.device} in {str(loaded.dtype).replace('torch.', '')}")
+        held = "" if loaded.quantize == "none" else f", linear layers in {loaded.quantize}"
+        self.progress_label.setText(f"Loaded on {loaded.device} in {str(loaded.dtype).replace('torch.', '')}{held}")
 
     def _on_load_failed(self, message: str) -> None:
         self.progress_label.setText("Loading failed")
@@ -479,6 +510,7 @@ class ModelPage(Page):
         s.setValue("source", m.source)
         s.setValue("device", m.device)
         s.setValue("precision", m.precision)
+        s.setValue("quantize", m.quantize)
         s.setValue("gradient_checkpointing", m.gradient_checkpointing)
 
     def restore_settings(self, s) -> None:
@@ -488,6 +520,8 @@ class ModelPage(Page):
         m.device = dev if dev in DEVICES else "auto"
         prec = setting(s, "precision", m.precision, str)
         m.precision = prec if prec in PRECISIONS else "auto"
+        quantize = setting(s, "quantize", m.quantize, str)
+        m.quantize = quantize if quantize in QUANTIZE and (quantize == "none" or _bitsandbytes_found()) else "none"
         m.gradient_checkpointing = setting(s, "gradient_checkpointing", False, bool)
         self._sync_from_config()
 
