@@ -58,11 +58,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core import atomic, lora, runs
 from core.config import RunConfig
 from core.errors import Cancelled, StudioError
+from core.loss import loss_sum as head_loss_sum
 
 IGNORE = -100
 ADAPTER_NAME = "default"
@@ -392,7 +392,7 @@ class Trainer:
             self._status("loading", f"loading {cfg.model.source}", 0.0)
             self.loaded = _Owned(models.load_model(
                 cfg.model.source, device=self._device_spec or cfg.model.device, precision=cfg.model.precision,
-                trust_remote_code=cfg.model.trust_remote_code, quantize=cfg.model.quantize,
+                trust_remote_code=cfg.model.trust_remote_code,
                 progress=lambda m, f: self._status("loading", m, f)))
         lm = self.loaded.inner if isinstance(self.loaded, _Owned) else self.loaded
         model, tokenizer = lm.model, lm.tokenizer
@@ -555,15 +555,10 @@ class Trainer:
 
     # -- one forward ------------------------------------------------------------------------------
     def _loss_sum(self, model, batch: dict) -> torch.Tensor:
-        """Σ of next-token cross-entropies over the batch's trained tokens (fp32)."""
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else contextlib.nullcontext())
-        with ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # shift the labels, not the logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        """Σ of next-token cross-entropies over the batch's trained tokens (fp32), chunk by chunk
+        through the output head so the tokens × vocabulary logits never exist (core.loss; the plain
+        path where the model's head or wrapper is not one it knows, e.g. under DDP)."""
+        return head_loss_sum(model, batch)
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> RunResult:

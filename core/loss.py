@@ -1,0 +1,220 @@
+"""The training loss without the full logits: next-token cross-entropy, chunk by chunk, through the
+output head.
+
+Why
+    ``model(...).logits`` is a ``tokens × vocabulary`` tensor: 2048 tokens of SmolLM2 (49 152 words)
+    are 400 MB in fp32, and the plain loss keeps it several times over (the logits, their fp32 copy,
+    log-softmax saved for the backward, then its gradient and the logits' gradient), which for a
+    135M model at 2k tokens is more than the rest of the step. Here the final hidden states
+    (``tokens × d``, after the model's final norm) go through the head a chunk of tokens at a time:
+    the forward computes each chunk's logits, its loss and at once its gradient with respect to the
+    hidden chunk, ``(softmax − onehot) · W``, and keeps only that gradient (``tokens × d``, the
+    hidden states' dtype); the backward multiplies it by the incoming scalar. This is the approach of
+    Liger Kernel's fused linear cross-entropy and Unsloth, for a frozen head (LoRA never trains it).
+
+    Kept alive between forward and backward: ``d × element size`` bytes per trained token (2304 for
+    SmolLM2 in fp32), against ``≥ 2 × 4 × vocabulary`` (393 216) for the plain path; the chunk's own
+    buffers (:data:`CHUNK_BYTES`) are transient.
+
+What it supports
+    :func:`loss_sum` takes the model and a batch as the trainer has them and picks the path: the
+    chunked one for a model class whose forward is known to do nothing between the head and the loss
+    but what :data:`_LOGIT_TRANSFORMS` says (Gemma 2/3's tanh soft-cap, Granite's divisor, Cohere's
+    multiplier), whose head is a plain, frozen ``nn.Linear``; the plain one (``model(...).logits``,
+    then ``F.cross_entropy``) for anything else: a class not listed (remote code, a new family), a
+    head under LoRA or trained, a quantised head, a DistributedDataParallel wrapper (its forward
+    hooks must see the call). Both return the same fp32 sum over the trained tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.data import IGNORE  # the label of a token that is not trained
+
+# One chunk's fp32 logits. 32 MiB is 170 tokens of a 49k vocabulary (SmolLM2) and 65 of a 128k one
+# (Llama 3): enough rows that the head's products stay efficient GEMMs, small enough that a chunk's
+# two or three vocabulary-wide buffers stay out of the memory peak (and mostly in cache on a CPU).
+CHUNK_BYTES = 32 * 2**20
+
+# transformers' causal-LM classes whose forward is `logits = lm_head(base(...).last_hidden_state)`
+# followed by nothing, or by the transform named here, before the loss (read in transformers 5.24;
+# tests/test_loss.py checks every one against `model(labels=...).loss`).
+_PLAIN = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+          "Phi3ForCausalLM", "PhiForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GemmaForCausalLM",
+          "Olmo2ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "SmolLM3ForCausalLM")
+_LOGIT_TRANSFORMS = {
+    **{name: None for name in _PLAIN},
+    "Gemma2ForCausalLM": "softcap",    # logits = c · tanh(logits / c), c = config.final_logit_softcapping
+    "Gemma3ForCausalLM": "softcap",
+    "GraniteForCausalLM": "divide",    # logits / config.logits_scaling
+    "CohereForCausalLM": "multiply",   # logits · model.logit_scale
+    "Cohere2ForCausalLM": "multiply",
+}
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Position t's target is token t+1: shift the labels, not the logits (the last has none)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk so that a chunk's fp32 logits take about ``budget`` bytes."""
+    return max(1, budget // (4 * vocab))
+
+
+# -- the chunked function --------------------------------------------------------------------------
+def _chunk(h, y, weight, bias, scale: float, softcap: float | None, want_grad: bool):
+    """Loss sum of one chunk (fp32 scalar) and, if asked, its gradient w.r.t. ``h`` (h's dtype).
+
+    h: (n, d); y: (n,) with IGNORE; weight: (V, d). The logits are computed in the head's dtype, as
+    the model does, and upcast once; everything after works in place on that fp32 buffer.
+    """
+    z = F.linear(h, weight, bias).float()  # for an fp32 head .float() is the same tensor: no copy
+    if scale != 1.0:
+        z.mul_(scale)
+    deriv = None
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        if want_grad:
+            deriv = 1.0 - z * z  # d(c·tanh(x/c))/dx
+        z.mul_(softcap)
+    valid = y != IGNORE
+    y0 = y.clamp(min=0)
+    lse = torch.logsumexp(z, dim=-1)
+    loss = torch.where(valid, lse - z.gather(1, y0[:, None]).squeeze(1), 0.0).sum()
+    if not want_grad:
+        return loss, None
+    g = z.sub_(lse[:, None]).exp_()  # softmax
+    g.scatter_add_(1, y0[:, None], torch.full_like(lse[:, None], -1.0))  # − onehot
+    g.mul_(valid[:, None])  # ignored tokens: no gradient
+    if deriv is not None:
+        g.mul_(deriv)
+    if scale != 1.0:
+        g.mul_(scale)
+    return loss, (g.to(weight.dtype) @ weight).to(h.dtype)
+
+
+def _run_chunks(hidden, weight, bias, labels, scale, softcap, rows, want_grad):
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden) if want_grad else None
+    for s in range(0, hidden.shape[0], rows):
+        loss, g = _chunk(hidden[s:s + rows], labels[s:s + rows], weight, bias, scale, softcap, want_grad)
+        total += loss
+        if want_grad:
+            grad[s:s + rows] = g
+    return total, grad
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy of ``linear(hidden, weight, bias)``; the gradient flows to ``hidden`` only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, scale, softcap, rows):
+        total, grad = _run_chunks(hidden, weight, bias, labels, scale, softcap, rows, want_grad=True)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        # in fp32: the incoming scalar (1 / trained tokens) rounded to bf16 would bias every entry
+        scaled = grad * grad_out if grad.dtype == grad_out.dtype else (grad.float() * grad_out).to(grad.dtype)
+        return scaled, None, None, None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
+                          chunk: int | None = None) -> torch.Tensor:
+    """Σ over tokens whose label is not IGNORE of ``cross_entropy(t(hidden @ weightᵀ + bias), label)``
+    in fp32, where ``t`` multiplies by ``scale`` then soft-caps (``c · tanh(x / c)``) when ``softcap``
+    is set. hidden: (N, d); weight: (V, d), frozen; labels: (N,), already shifted. ``chunk`` tokens at
+    a time (default: :func:`chunk_rows`). Without grad mode or a hidden that needs a gradient, only
+    the loss is computed."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("chunked_cross_entropy gives no gradient to the head: use the plain loss for a trained head")
+    rows = chunk or chunk_rows(weight.shape[0])
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, float(scale), softcap, rows)
+    return _run_chunks(hidden, weight, bias, labels, float(scale), softcap, rows, want_grad=False)[0]
+
+
+# -- the model ---------------------------------------------------------------------------------------
+@dataclass
+class HeadPlan:
+    """How to reach the final hidden states and what the head does after them."""
+
+    base: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def head_plan(model: nn.Module) -> HeadPlan | None:
+    """The chunked path for ``model``, or None where only the plain path is known to be right."""
+    cls = type(model)
+    if cls.__name__ not in _LOGIT_TRANSFORMS or not cls.__module__.startswith("transformers.models."):
+        return None  # an unknown forward (remote code, a subclass, a wrapper such as DDP)
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or hasattr(head, "_hf_hook") or head._forward_hooks or head._forward_pre_hooks:
+        return None  # LoRA on the head, a quantised head, or hooks that expect to see the call
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return None  # a trained head needs its own gradient, which the chunked function does not give
+    base = getattr(model, model.base_model_prefix, None)
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    plan = HeadPlan(base, head.weight, head.bias)
+    kind = _LOGIT_TRANSFORMS[cls.__name__]
+    if kind == "softcap":
+        plan.softcap = getattr(model.config, "final_logit_softcapping", None)
+    elif kind == "divide":
+        plan.scale = 1.0 / float(model.config.logits_scaling)
+    elif kind == "multiply":
+        plan.scale = float(model.logit_scale)
+    return plan
+
+
+def _model_inputs(batch: dict) -> dict:
+    """What the trainer's forward passes: the ids, the mask, no cache, position ids if the batch has them."""
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" in batch:
+        kw["position_ids"] = batch["position_ids"]
+    return kw
+
+
+def plain_loss_sum(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The textbook path: the full logits, upcast, ``F.cross_entropy`` summed over trained tokens."""
+    logits = model(**_model_inputs(batch)).logits
+    labels = shifted_labels(batch["labels"])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def loss_sum(model: nn.Module, batch: dict, *, chunk: int | None = None,
+             select_rows: bool | None = None) -> torch.Tensor:
+    """Σ of next-token cross-entropies over the batch's trained tokens (fp32 scalar), chunked through
+    the head where :func:`head_plan` allows, else :func:`plain_loss_sum`.
+
+    ``select_rows`` (default: on the CPU only): only the trained tokens' hidden states go through the
+    head, so prompts and padding cost no head product. Finding them needs their count on the host,
+    which on an accelerator is a sync that stalls the queued work; there every token goes through
+    and the ignored ones are masked inside the chunks.
+    """
+    plan = head_plan(model)
+    if plan is None:
+        return plain_loss_sum(model, batch)
+    labels = shifted_labels(batch["labels"]).reshape(-1)
+    if select_rows is None:
+        select_rows = labels.device.type == "cpu"
+    rows = (labels != IGNORE).nonzero().squeeze(1) if select_rows else None  # before the forward is queued
+    hidden = plan.base(**_model_inputs(batch)).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if rows is not None:
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    return chunked_cross_entropy(hidden, plan.weight, labels, bias=plan.bias, scale=plan.scale,
+                                 softcap=plan.softcap, chunk=chunk)
