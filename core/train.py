@@ -17,9 +17,12 @@ The step
     accumulation and data parallelism give exactly the gradient of one big batch (a mean over
     micro-batch means would weight short examples more).
     Only the adapter's matrices reach AdamW (checked); LambdaLR gives constant, linear or cosine decay
-    after a linear warmup; gradients are clipped to ``max_grad_norm``; on CUDA the forward runs under
-    bf16 autocast, or fp16 autocast with a :class:`torch.amp.GradScaler`; gradient checkpointing is
-    transformers' own, with ``enable_input_require_grads``.
+    after a linear warmup; gradients are clipped to ``max_grad_norm``. Precision: the base model is held
+    in the run's dtype (fp32, bf16, fp16, or 4/8-bit with that compute dtype) and computes in it, with
+    no autocast (it would only re-cast weights that already are in the compute dtype); the adapter's
+    matrices, their gradients and AdamW's state stay fp32 (master weights, see core.lora); fp16 scales
+    the loss with a :class:`torch.amp.GradScaler`. Gradient checkpointing is transformers' own, with
+    ``enable_input_require_grads``.
 
 Syncs
     ``loss.item()`` is a device sync point, so the loss (and grad norm, and memory) are read back
@@ -177,7 +180,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _is_oom(e: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(e, oom)) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    if oom is not None and isinstance(e, oom):
+        return True
+    # CUDA/MPS say "out of memory"; the CPU allocator says "DefaultCPUAllocator: can't allocate memory"
+    text = str(e) if isinstance(e, (RuntimeError, MemoryError)) else ""
+    return isinstance(e, MemoryError) or any(m in text for m in ("out of memory", "can't allocate memory",
+                                                                   "not enough memory"))
 
 
 def _memory_bytes(device: torch.device) -> int | None:
@@ -392,7 +400,7 @@ class Trainer:
             self._status("loading", f"loading {cfg.model.source}", 0.0)
             self.loaded = _Owned(models.load_model(
                 cfg.model.source, device=self._device_spec or cfg.model.device, precision=cfg.model.precision,
-                trust_remote_code=cfg.model.trust_remote_code,
+                trust_remote_code=cfg.model.trust_remote_code, quantize=cfg.model.quantize,
                 progress=lambda m, f: self._status("loading", m, f)))
         lm = self.loaded.inner if isinstance(self.loaded, _Owned) else self.loaded
         model, tokenizer = lm.model, lm.tokenizer
@@ -460,7 +468,7 @@ class Trainer:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise StudioError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
             # non-reentrant checkpointing: works with frozen inputs, DDP and the fused LoRA function
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5's name
+            if hasattr(model, "activation_checkpointing_enable"):  # the newer name (not in transformers 5.17)
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -484,7 +492,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _Factor(self.total_steps, tr.warmup, tr.scheduler))
         use_cuda = self.device.type == "cuda"
-        self.autocast_dtype = self.dtype if use_cuda and self.dtype in (torch.bfloat16, torch.float16) else None
         self.scaler = torch.amp.GradScaler("cuda") if use_cuda and self.dtype == torch.float16 else None
 
         # position
