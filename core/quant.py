@@ -71,13 +71,13 @@ def available() -> bool:
 
 def bnb(method: str = "nf4"):
     """The imported bitsandbytes, or one StudioError saying how to install it."""
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
     if not available():
         raise StudioError(f"--quantize {method}: bitsandbytes is not installed (it holds the base model's "
                           "layers in 4 or 8 bits)", hint=f"run '{PIP}', or use --quantize none")
-    for name in _QUIET:
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except Exception as e:  # a broken install fails in many ways (missing native library, ...)
@@ -172,7 +172,7 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) ->
     state = module.state
     cb = state.CB if state.CB is not None else getattr(module.weight, "CB", None)
     scb = state.SCB if state.SCB is not None else getattr(module.weight, "SCB", None)
-    if cb is None:  # after the first forward the int8 values live in weight.data (state.CB moved)
+    if cb is None:  # neither holds them (a layer read from a checkpoint): the int8 values are the data
         cb = module.weight.data
     if scb is None:
         raise RuntimeError("this int8 layer holds no scales (SCB): it was never quantised")
