@@ -219,10 +219,23 @@ def _fail(what: str, c: dict, tol: float, out: Path) -> StudioError:
         f"{100 * c['top1_agreement']:.1f}%); nothing was written to {out}")
 
 
+def _trained_quantization(files, quantize: str | None) -> str:
+    """``--quantize`` if given, else what the adapters' provenance says their base was (one answer)."""
+    from core import quant
+
+    if quantize is not None:
+        return quant.check_method(quantize)
+    found = {str((a.studio.get("base_model") or {}).get("quantization") or "none") for a in files}
+    if len(found) > 1:
+        raise StudioError(f"--adapter: these adapters were trained on different bases ({', '.join(sorted(found))})",
+                          hint="merge them separately, or say which base with --quantize")
+    return quant.check_method(found.pop() if found else "none")
+
+
 def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
                   *, combine: str = "exact", rank: int | None = None, out: str | os.PathLike,
                   dtype: str | torch.dtype | None = None, progress: Progress | None = None, verify: bool = True,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", quantize: str | None = None) -> dict:
     """Merge ``adapters`` (folders) at ``weights`` into the base model and write it to ``out``.
 
     Args:
@@ -238,6 +251,10 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
         verify: compare the written model's logits with base + adapters unmerged (see module doc).
         device: where the merge and the reference forward passes run (``cpu`` by default: fp32 copies
             of large models fit in RAM more often than in GPU memory).
+        quantize: ``nf4``/``int8``: the adapters were trained on a 4-bit/8-bit base (QLoRA), so they
+            are merged into that base de-quantised (what they learned against), in fp32, and written
+            in ``dtype`` like any export; ``none``: the full-precision base. By default what the
+            adapters' studio.json records (``base_model.quantization``), else ``none``.
 
     Returns a report: out, files (name → bytes), size_bytes, dtype, adapters, weights, combine, rank,
     warnings, verify (figures of each comparison and tolerances), seconds (per stage and total).
@@ -277,12 +294,20 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
             raise StudioError(f"--adapter {f}: no such folder")
         files.append(adapter_io.read_adapter(f))
 
+    method = _trained_quantization(files, quantize)
     spec = getattr(spec_or_loaded, "spec", None) or str(spec_or_loaded)
     _say(progress, "loading the base model in fp32", 0.05)
     t = time.perf_counter()
     loaded = models.load_model(spec, device=device, precision="fp32")
     model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
     del loaded  # only ``model`` may hold the weights: it is dropped before the export is loaded back
+    if method != "none":  # the base the QLoRA adapter learned against: W quantised, then de-quantised
+        from core import quant
+
+        _say(progress, f"de-quantising the {method} base the adapters were trained on", 0.1)
+        quant.check_layout(model, method, device)
+        quant.quantize_model(model, method, torch.float32)
+        quant.dequantize_model(model, torch.float32)
     if out_dtype is None:
         out_dtype = checkpoint_dtype(source)
     times["load"] = time.perf_counter() - t
@@ -343,7 +368,8 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
 
     report: dict[str, Any] = {"out": str(out), "model": spec, "adapters": [str(f) for f in folders],
                               "weights": weights, "combine": mode, "rank": rank,
-                              "dtype": models.precision_name(out_dtype), "warnings": warnings}
+                              "dtype": models.precision_name(out_dtype), "warnings": warnings,
+                              "base_quantization": method}
     if combine_report is not None:
         report["combine_report"] = combine_report
         report["rank"] = combine_report.get("rank", rank)

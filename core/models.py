@@ -1253,6 +1253,21 @@ def _estimate_quantize(config, quantize: str) -> str:
     return method
 
 
+def _chunked_loss(model: nn.Module) -> bool:
+    """Whether the trainer's loss goes through the head chunk by chunk for this model (core.loss),
+    judged on the meta-device model with its head frozen as training freezes it."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.requires_grad_(False)
+    return _loss().head_plan(model) is not None
+
+
+def _loss():
+    from core import loss  # imported when needed: core.loss imports core.data
+
+    return loss
+
+
 def _estimate(config, *, batch_size: int, seq_len: int, rank: int, targets, precision,
               gradient_checkpointing: bool, quantize: str = "none") -> dict:
     from core import targets as targets_mod
@@ -1291,9 +1306,15 @@ def _estimate(config, *, batch_size: int, seq_len: int, rank: int, targets, prec
     tokens = batch_size * seq_len
     final_norm = h * (4 if rms else s)
     mask = seq_len * s                               # the B×T×T padding mask, once per step
-    head_saved = vocab * (s + 4)                     # the logits, and log-softmax's fp32 output
-    head_grads = vocab * 8                           # its gradient and the logits' (backward's first step)
     outside = [t for t in chosen if not t.block]     # e.g. an adapted lm_head
+    chunked = assumed["chunked_loss"] = not outside and _chunked_loss(model)
+    if chunked:  # core.loss: only ∂loss/∂hidden (tokens × d) is kept; a chunk's logits are transient
+        head_saved, head_grads = h * s, 0
+        head_transient = 3 * _loss().CHUNK_BYTES    # a chunk's logits, their fp32 copy and its softmax
+    else:
+        head_saved = vocab * (s + 4)                 # the logits, and log-softmax's fp32 output
+        head_grads = vocab * 8                       # its gradient and the logits' (backward's first step)
+        head_transient = 0
     extra = sum(t.d_in * 4 + rank * 4 for t in outside)
     if gradient_checkpointing:
         kept = layers * h * s + per_layer            # each block's input, and one block recomputed
@@ -1301,7 +1322,7 @@ def _estimate(config, *, batch_size: int, seq_len: int, rank: int, targets, prec
         kept = layers * per_layer
     weights, dequantized = _weight_bytes(found, params, buffers, s, quantize)
     activations = tokens * (kept + final_norm + mask + head_saved + extra + max(head_grads, per_layer))
-    activations += dequantized                       # one layer's weight de-quantised (quantised bases)
+    activations += dequantized + head_transient      # one layer's weight de-quantised (quantised bases)
     adapter = trainable * 4                          # adapters are kept in fp32 (core.lora)
     gradients = trainable * 4
     optimizer = trainable * 8                        # AdamW: exp_avg and exp_avg_sq, fp32

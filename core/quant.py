@@ -355,3 +355,34 @@ def finish_loaded(model: nn.Module, compute_dtype: torch.dtype) -> None:
             m.compute_dtype = compute_dtype
             m.compute_type_is_set = True
     _keep_canonical_layout(model)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every bitsandbytes layer in place with a plain ``nn.Linear`` (or the ``Conv1D`` it
+    came from) holding its de-quantised weight in ``dtype``; return the replaced names.
+
+    What a merged export of a QLoRA run merges into: the adapter learned its update against the
+    de-quantised 4-bit (or 8-bit) weights, not the full-precision ones they came from.
+    """
+    replaced = []
+    for name, layer in list(model.named_modules()):
+        if not is_quantized_layer(layer):
+            continue
+        w = dequantized_weight(layer, dtype)
+        d_out, d_in = w.shape
+        conv1d = _conv1d_type()
+        if conv1d and getattr(layer, "source_cls", None) is conv1d:
+            plain = conv1d(d_out, d_in)
+            plain.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        else:
+            plain = nn.Linear(d_in, d_out, bias=layer.bias is not None, device="meta")
+            plain.weight = nn.Parameter(w, requires_grad=False)
+        if layer.bias is not None:
+            plain.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+        replaced.append(name)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    return replaced

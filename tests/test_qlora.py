@@ -113,3 +113,44 @@ def test_merging_into_a_quantised_layer_is_refused_and_leaves_it_running_unmerge
     assert lora.merged_adapters(model) == []
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
+
+
+def test_merge_of_an_nf4_run_writes_the_dequantised_base_plus_the_adapter(tmp_path):
+    """`merge` of an adapter trained on a 4-bit base: merged into that base de-quantised (what the
+    adapter learned against), written in bf16 and verified; the provenance decides by default."""
+    from conftest import TOKENIZER_VOCAB, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from core import export, models
+
+    folder = tmp_path / "tiny64"
+    full = tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=TOKENIZER_VOCAB)
+    tok = tiny_tokenizer()
+    full.config.eos_token_id, full.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    full.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaded = models.load_model(str(folder), device="cpu", precision="bf16", quantize="nf4")
+    qmodel = loaded.model
+    lora.inject_adapter(qmodel, targets.resolve_targets(qmodel, "all-linear"), rank=4, alpha=8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k, p in lora.lora_parameters(qmodel).items():
+            if ".lora_B." in k:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    adapter.save_adapter(qmodel, tmp_path / "ad", "default", base_model=str(folder))
+    assert adapter.read_adapter(tmp_path / "ad").studio["base_model"]["quantization"] == "nf4"
+
+    report = export.export_merged(str(folder), [tmp_path / "ad"], out=tmp_path / "merged", dtype="bf16")
+    assert report["base_quantization"] == "nf4"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    x = token_batch(vocab=TOKENIZER_VOCAB, batch=2, length=16)
+    with torch.no_grad():
+        trained_on = qmodel.eval()(x).logits.float()
+        got = merged(x).logits
+    assert _rel(got, trained_on) < 3e-2, "the merged model computes what the QLoRA model computed"
+    plain = export.export_merged(str(folder), [tmp_path / "ad"], out=tmp_path / "plain", dtype="bf16",
+                                 quantize="none")
+    assert plain["base_quantization"] == "none"
+    on_full = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _rel(on_full(x).logits, trained_on) > 2 * _rel(got, trained_on)

@@ -43,6 +43,10 @@ def register(sub) -> None:
     m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="dtype of the saved weights (default auto: the base checkpoint's own; the merge "
                         "itself is always done in fp32)")
+    m.add_argument("--quantize", choices=("none", "nf4", "int8"), default=None,
+                   help="the base the adapters were trained on: with nf4 or int8 (QLoRA) they are merged into "
+                        "that base de-quantised (what they learned against) and the model is written in "
+                        "--dtype; none: the full-precision base (default: what the adapters' studio.json records)")
     m.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip loading the export back and comparing logits (faster, not recommended)")
     m.add_argument("--json", action="store_true", help="print the report (files, sizes, figures, times) as JSON")
@@ -96,6 +100,7 @@ def cmd_merge(args) -> int:
 
     try:
         report = export_merged(args.model, folders, weights, combine=args.combine, rank=args.rank, out=args.out,
+                               quantize=args.quantize,
                                dtype=args.dtype, progress=progress, verify=args.verify)
     finally:
         bar.close()
