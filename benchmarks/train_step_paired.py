@@ -11,10 +11,13 @@ rotates from round to round, so drift and the position in the round hit every me
 ratios are taken within each round (ours ÷ PEFT, ours ÷ floor) and their median and interquartile
 range are reported, beside each method's median step.
 
-Settings as in train_step.py: SmolLM2-135M-Instruct by default, fp32, batch 4 × 128 tokens, r = 8,
-alpha = 16, all-linear, dropout 0, torch's AdamW (``--fused-adamw`` for the fused one), forward with
-labels + backward (+ optimizer step for the two LoRA methods); the floor freezes every weight and
-back-propagates to the input embeddings' output.
+Settings as in train_step.py: SmolLM2-135M-Instruct by default, fp32 (``--dtype bfloat16`` for a
+bf16 base), batch 4 × 128 tokens, r = 8, alpha = 16, all-linear, dropout 0. What the trainer runs:
+ours injects its adapter in fp32 whatever the base's dtype (master weights) and computes the loss as
+the trainer does (core.loss: chunked through the head); PEFT keeps its default (adapter in fp32,
+``autocast_adapter_dtype``) and takes transformers' ``model(labels=...).loss``; both step the trainer's
+optimizer (core.train.make_adamw, fused AdamW). The floor freezes every weight, takes the labels loss
+and back-propagates to the input embeddings' output.
 
 ``--variant NAME=FILE`` adds another version of the engine's ``core/lora.py`` (for instance
 ``git show COMMIT:core/lora.py > /tmp/lora_old.py``) as a fourth method ``ours:NAME`` in the same
@@ -86,14 +89,18 @@ def build(method: str, folder: Path, args, x, engine=None):
     model = common.load_model(folder, args.device, args.dtype)
     from core import targets
 
+    from core.loss import loss_sum
+    from core.train import make_adamw
+
     names = targets.resolve_targets(model, args.targets)
     torch.manual_seed(0)  # the same seed before injection: ours and PEFT draw the same A
-    if method == "ours" or engine is not None:
+    ours = method == "ours" or engine is not None
+    if ours:
         from core import lora
 
         lora = engine or lora
-        lora.inject_adapter(model, names, rank=args.rank, alpha=args.alpha, dropout=0.0,
-                            dtype=getattr(torch, args.dtype))
+        # as the trainer injects: adapters in fp32 whatever the base's dtype (master weights)
+        lora.inject_adapter(model, names, rank=args.rank, alpha=args.alpha, dropout=0.0)
         trainable = list(lora.lora_parameters(model).values())
     elif method == "peft":
         model, trainable = common.peft_model(model, names, args)
@@ -101,11 +108,18 @@ def build(method: str, folder: Path, args, x, engine=None):
         model.enable_input_require_grads()
         trainable = []
     model.train()
-    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True if args.fused_adamw else None) if trainable else None
+    # the trainer's optimizer (fused AdamW where torch has it) for both LoRA methods: what differs is
+    # the engine and the loss, not the optimizer
+    opt = make_adamw(trainable, lr=1e-4) if trainable else None
     sync = common.device_sync(args.device)
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    n_trained = x.shape[0] * (x.shape[1] - 1)
 
     def step() -> float:
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        if ours:  # the trainer's loss: chunked through the head (core.loss), a sum over tokens
+            loss = loss_sum(model, batch) / n_trained
+        else:
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -135,7 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW for the LoRA methods")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="accepted for older commands; both LoRA methods now use the trainer's optimizer "
+                        "(core.train.make_adamw: fused AdamW where torch has it)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
                    help="another version of core/lora.py, timed as method ours:NAME (repeatable)")
     p.add_argument("--infer", action="store_true",
