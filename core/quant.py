@@ -365,12 +365,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
     de-quantised 4-bit (or 8-bit) weights, not the full-precision ones they came from.
     """
     replaced = []
+    conv1d = _conv1d_type()
     for name, layer in list(model.named_modules()):
         if not is_quantized_layer(layer):
             continue
         w = dequantized_weight(layer, dtype)
         d_out, d_in = w.shape
-        conv1d = _conv1d_type()
         if conv1d and getattr(layer, "source_cls", None) is conv1d:
             plain = conv1d(d_out, d_in)
             plain.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
