@@ -80,6 +80,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                     rows.append(row)
     except FileNotFoundError:
         return []
+    except IsADirectoryError:  # the run folder appeared between the is_dir() above and the open()
+        return read_metrics(p / METRICS)
     return rows
 
 
