@@ -603,16 +603,17 @@ def check_compatible(adapter: AdapterFiles, model: nn.Module) -> list[str]:
     return problems
 
 
-def fingerprint_warning(adapter: AdapterFiles, model: nn.Module) -> str | None:
+def fingerprint_warning(adapter: AdapterFiles, model: nn.Module, *, now: dict | None = None) -> str | None:
     """A warning when studio.json's base-model fingerprint differs from ``model``'s, else None.
 
     Only a warning: the shapes check decides whether the adapter fits; a different fingerprint means
     it was trained on other weights of the same shape (another fine-tune, another quantisation).
+    ``now``: the model's fingerprint when known (core.models.LoadedModel.fingerprint, taken at load).
     """
     saved = adapter.studio.get("fingerprint")
     if not isinstance(saved, dict):
         return None
-    now = _model_fingerprint(model)
+    now = now or _model_fingerprint(model)
     if not now:
         return None
     trained_on = adapter.base_model or "another model"

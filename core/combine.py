@@ -245,3 +245,41 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
         "warnings": warnings,
     }
     return result, report
+
+
+def provenance(names: Sequence[str], weights: Sequence[float], mode: str, rank: int | None) -> str:
+    """What a combined library entry's "Came from" says: the adapters it was made of, with weights."""
+    how = "exact sum" if mode == "exact" else f"{mode.replace('_', ' ')} to rank {rank}"
+    return f"combined ({how}) from " + ", ".join(f"{n} × {w:g}" for n, w in zip(names, weights))
+
+
+def combine_into_library(library, entry_ids: Sequence[str], weights: Sequence[float], *, mode: str = "exact",
+                         rank: int | None = None, name: str, notes: str = ""):
+    """Combine the library entries ``entry_ids`` and add the result to ``library`` as ``name``.
+
+    Returns ``(entry, report)``. The new entry's provenance names the source adapters and weights
+    (never the temporary folder it was written to); its studio.json records them under
+    ``combined`` and keeps the first adapter's base model and fingerprint, so the compatibility check
+    still knows what it belongs to.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from core import adapter as adapter_io
+
+    entries = [library.get(i) for i in entry_ids]
+    adapters = [adapter_io.read_adapter(e.path) for e in entries]
+    result, report = combine(adapters, list(weights), mode=mode, rank=rank)
+    first = adapters[0].studio or {}
+    studio = {"name": name, "combined": {"from": [e.name for e in entries], "weights": list(weights),
+                                          "mode": mode, "rank": rank}}
+    for key in ("fingerprint", "base_model"):
+        if isinstance(first.get(key), dict):
+            studio[key] = first[key]
+    origin = provenance([e.name for e in entries], weights, mode, rank)
+    with tempfile.TemporaryDirectory(prefix="lora-studio-combine-") as tmp:
+        out = Path(tmp) / "combined"
+        adapter_io.write_adapter(result, out, base_model=adapters[0].base_model, studio=studio)
+        entry = library.add_folder(out, name=name, move=True, imported_from=origin,
+                                   extra={"notes": notes or origin})
+    return entry, report

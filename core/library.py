@@ -977,5 +977,7 @@ def check_adapter(folder: str | os.PathLike, model, *, recorded: dict | None = N
         return problems, []
     if recorded:  # the library's record wins over studio.json (it may have been set on import)
         adapter.studio = dict(adapter.studio, fingerprint=recorded)
-    warning = adapter_io.fingerprint_warning(adapter, module)
+    # a LoadedModel's fingerprint was taken at load: merge/unmerge cycles since then do not count
+    warning = adapter_io.fingerprint_warning(adapter, module, now=getattr(model, "fingerprint", None)
+                                             if module is not model else None)
     return [], [f"adapter {folder.name}: {warning}"] if warning else []

@@ -98,6 +98,10 @@ class LoadedModel:
     quantize: str = "none"
     """How the base's linear layers are held: ``none``, ``nf4``, ``int8`` (``fp4`` for a checkpoint
     stored so), read back from the loaded layers (core.quant.quantization_of)."""
+    fingerprint: dict | None = None
+    """:func:`fingerprint` of the weights as loaded, taken before any adapter is merged: an fp32
+    merge/unmerge cycle leaves W off by fp32 rounding, which would change the content hash, so a
+    compatibility check against a long-lived model uses this record (core.library.check_adapter)."""
 
     @property
     def config(self):
@@ -872,7 +876,7 @@ def load_model(spec: str, *, device: str = "auto", precision: str = "auto", trus
     tokenizer = _tokenizer_from_folder(ref, folder, trust)
     _say(progress, "ready", 1.0)
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dtype, spec=spec, path=folder, ref=ref,
-                       quantize=quant.quantization_of(model))
+                       quantize=quant.quantization_of(model), fingerprint=fingerprint(model))
 
 
 def _stored_quantization(ref: ModelRef, folder: Path, config, method: str) -> str:
@@ -971,6 +975,19 @@ def _as_unquantized(name: str, p: torch.Tensor, packed: dict[str, nn.Module]) ->
     return shape, values
 
 
+def _unmerged_views(model: nn.Module, packed: dict[str, nn.Module]) -> dict[str, tuple[list[int], Callable]]:
+    """Base-parameter name → (shape, values) of each LoRA layer's weight as loaded, whatever is merged."""
+    from core import lora
+
+    out = {}
+    for name, layer in lora.lora_layers(model):
+        key = name + ".weight"
+        if key in packed or not layer.merged:  # quantised layers never merge; unmerged: the weight itself
+            continue
+        out[key] = (list(layer.base_layer.weight.shape), lambda layer=layer: layer.base_weight())
+    return out
+
+
 def fingerprint(model: nn.Module) -> dict:
     """Is this the same base model? Two cheap, deterministic hashes.
 
@@ -983,14 +1000,18 @@ def fingerprint(model: nn.Module) -> dict:
     A base quantised with bitsandbytes (core.quant) has the unquantised model's shapes (a packed
     weight counts with its logical shape), so an adapter trained on a 4-bit base fits the full one;
     its content hashes the dequantised values, which differ from the full model's (the check warns).
-    Adapters injected with core.lora do not change either hash. ``tensors`` names the hashed ones and
-    ``dtype`` and ``parameters`` are informational.
+    Adapters injected with core.lora do not change either hash, merged or not: a LoRA layer's weight
+    is hashed as loaded (``LoRALinear.base_weight``: W0 itself for bf16/fp16; for fp32, W − Σ merged ΔW,
+    exact to fp32 rounding only, which is why a long-lived model is checked by its
+    ``LoadedModel.fingerprint``, taken at load).
+    ``tensors`` names the hashed ones and ``dtype`` and ``parameters`` are informational.
     """
     from core import quant
 
     params = _base_parameters(model)
     packed = _quantized_weights(model)
     views = {n: _as_unquantized(n, p, packed) for n, p in params}
+    views.update(_unmerged_views(model, packed))
     shapes = sorted((n, views[n][0]) for n, _ in params)
     shape_hash = hashlib.sha256(json.dumps(shapes, separators=(",", ":")).encode()).hexdigest()
     numel = {n: math.prod(views[n][0]) for n, _ in params}

@@ -288,6 +288,11 @@ def test_combine_creates_an_entry(qtbot, page, setup):
     blend = Library().resolve("qv-blend")
     assert blend.rank is not None and blend.rank >= 4
     assert "qv-small × 1" in blend.notes and "qv-other × 0.5" in blend.notes
+    # "Came from" names the adapters it was combined from, never the temporary folder it was written to
+    assert blend.imported_from.startswith("combined (exact sum) from ")
+    assert sorted(blend.imported_from.split(" from ", 1)[1].split(", ")) == ["qv-other × 0.5", "qv-small × 1"]
+    assert "Came from" in page.facts.text() and blend.imported_from in page.facts.text()
+    assert "lora-studio-combine" not in page.facts.text()
     # exact: the combined ΔW is the weighted sum of the two
     a = adapter_io.read_adapter(setup["entries"]["qv-small"].path)
     b = adapter_io.read_adapter(setup["entries"]["qv-other"].path)

@@ -417,6 +417,44 @@ def test_check_refuses_other_shapes_and_warns_on_other_weights(lib, tmp_path):
     assert lib.check(plain, tiny_llama(seed=5)) == ([], [])
 
 
+def test_merge_unmerge_cycles_do_not_make_an_adapter_look_foreign(lib, tmp_path):
+    """An fp32 merge/unmerge leaves W off by fp32 rounding, enough to flip the content hash's bf16
+    rounding somewhere in a 256-wide model: the check uses the fingerprint taken at load; a bf16
+    model's fingerprint is the same merged or not (LoRALinear.base_weight)."""
+    from conftest import TOKENIZER_VOCAB, tiny_tokenizer
+    from core import lora, models, targets
+
+    folder = tmp_path / "wide-llama"
+    tiny_llama(vocab_size=TOKENIZER_VOCAB, hidden_size=256, intermediate_size=512).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    loaded = models.load_model(str(folder), device="cpu", precision="fp32")
+    e = lib.add_folder(studio_adapter(tmp_path / "a", loaded.model, r=8, seed=3))
+    assert lib.check(e, loaded) == ([], [])
+    names = targets.resolve_targets(loaded.model, "all-linear")
+    lora.inject_adapter(loaded.model, names, "cycled", rank=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(loaded.model):
+            layer.lora_B["cycled"].copy_(torch.randn(layer.lora_B["cycled"].shape, generator=g))
+    for _ in range(3):
+        lora.merge_adapter(loaded.model, "cycled")
+        assert lib.check(e, loaded) == ([], [])
+        lora.unmerge_adapter(loaded.model, "cycled")
+    assert models.fingerprint(loaded.model)["content"] != loaded.fingerprint["content"]  # the drift is real
+    assert lib.check(e, loaded) == ([], [])  # ... and does not count
+    assert lib.check(e, tiny_llama(seed=5, vocab_size=TOKENIZER_VOCAB, hidden_size=256,
+                                   intermediate_size=512))[1]  # other weights still warn
+
+    bf16 = models.load_model(str(folder), device="cpu", precision="bf16").model
+    before = models.fingerprint(bf16)
+    lora.inject_adapter(bf16, names, "cycled", rank=8)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(bf16):
+            layer.lora_B["cycled"].normal_(generator=g)
+    lora.merge_adapter(bf16, "cycled")
+    assert models.fingerprint(bf16) == before  # hashed as loaded while merged
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 def _cli(*args):

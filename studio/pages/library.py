@@ -261,14 +261,9 @@ class LibraryFilter(QSortFilterProxyModel):
 
 # -- jobs (run in worker threads) -------------------------------------------------------------------
 
-def check_entries(items: list[tuple[str, str, dict | None]], model, *, cancelled,
-                  skip_fingerprint: bool = False) -> dict[str, Compat]:
-    """Compatibility of each ``(id, folder, recorded fingerprint)`` with ``model``.
-
-    ``skip_fingerprint``: an adapter is merged into the model's weights, so their content hash is not
-    the base model's; only the problems (shapes, names) count then, since a different-weights
-    warning would be about the merge, not the adapter.
-    """
+def check_entries(items: list[tuple[str, str, dict | None]], model, *, cancelled) -> dict[str, Compat]:
+    """Compatibility of each ``(id, folder, recorded fingerprint)`` with ``model`` (a LoadedModel:
+    its fingerprint was taken at load, so what is merged into it since does not count)."""
     from core.library import check_adapter
 
     out: dict[str, Compat] = {}
@@ -276,7 +271,7 @@ def check_entries(items: list[tuple[str, str, dict | None]], model, *, cancelled
         if cancelled():
             break
         problems, warnings = check_adapter(folder, model, recorded=recorded)
-        out[entry_id] = Compat(list(problems), [] if skip_fingerprint else list(warnings))
+        out[entry_id] = Compat(list(problems), list(warnings))
     return out
 
 
@@ -329,32 +324,14 @@ def change_on_model(model, name: str, action: str) -> str:
     return name
 
 
-def combine_into_library(root: str, folders: list[str], weights: list[float], mode: str, rank: int | None,
+def combine_into_library(root: str, entry_ids: list[str], weights: list[float], mode: str, rank: int | None,
                          name: str, notes: str):
-    """core.combine the adapters in ``folders`` and add the result to the library as ``name``.
-
-    The result records where it came from in its studio.json, and keeps the first adapter's base
-    model and fingerprint, so the compatibility check still knows what it belongs to."""
-    import tempfile
-
-    from core import adapter as adapter_io
+    """core.combine.combine_into_library on the library at ``root`` (a worker job)."""
     from core import combine
     from core.library import Library
 
-    adapters = [adapter_io.read_adapter(f) for f in folders]
-    result, report = combine.combine(adapters, weights, mode=mode, rank=rank)
-    first = adapters[0].studio or {}
-    studio = {"name": name, "combined": {"from": [a.name for a in adapters], "weights": list(weights),
-                                          "mode": mode, "rank": rank}}
-    if isinstance(first.get("fingerprint"), dict):
-        studio["fingerprint"] = first["fingerprint"]
-    if isinstance(first.get("base_model"), dict):
-        studio["base_model"] = first["base_model"]
-    with tempfile.TemporaryDirectory(prefix="lora-studio-combine-") as tmp:
-        out = Path(tmp) / "combined"
-        adapter_io.write_adapter(result, out, base_model=adapters[0].base_model, studio=studio)
-        entry = Library(root).add_folder(out, name=name, move=True, extra={"notes": notes})
-    return entry, report
+    return combine.combine_into_library(Library(root), entry_ids, weights, mode=mode, rank=rank, name=name,
+                                        notes=notes)
 
 
 def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float], mode: str, rank: int | None,
@@ -963,12 +940,9 @@ class LibraryPage(Page):
         if not todo or self.state.training:
             self._update_actions()
             return
-        from core import lora
-
         items = [(e.id, str(e.path), e.base_fingerprint) for e in todo]
         hashes = {e.id: e.adapter_hash for e in todo}
-        w = workers.FunctionWorker(check_entries, items, loaded.model,
-                                   skip_fingerprint=bool(lora.merged_adapters(loaded.model)))
+        w = workers.FunctionWorker(check_entries, items, loaded)
         self.check_worker = w
 
         def done(result, w=w):
@@ -1154,9 +1128,11 @@ class LibraryPage(Page):
         values = self.ask_combine(entries, "Combine adapters", True)
         if not values:
             return
+        from core.combine import provenance
+
         name = values["name"] or " + ".join(e.name for e in entries)
-        how = "exact sum" if values["mode"] == "exact" else f"SVD to rank {values['rank']}"
-        notes = (f"Combined ({how}) from " + ", ".join(f"{e.name} × {w:g}" for e, w in zip(entries, values["weights"])))
+        notes = provenance([e.name for e in entries], values["weights"], values["mode"], values["rank"])
+        notes = notes[0].upper() + notes[1:]
 
         def added(result):
             entry, report = result
@@ -1165,7 +1141,7 @@ class LibraryPage(Page):
             self.select_ids([entry.id])
             self.state.say(f"{entry.name} added to the library")
 
-        self._run_job("Combining", combine_into_library, str(self.library.root), [str(e.path) for e in entries],
+        self._run_job("Combining", combine_into_library, str(self.library.root), [e.id for e in entries],
                       values["weights"], values["mode"], values["rank"], name, notes, on_done=added,
                       cancellable=False)
 
