@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,12 +26,40 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back, under a lock)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open()`` or
+    ``mkdir`` would: 0o666 / 0o777 less the umask. ``tempfile`` makes 0o600 files and 0o700 folders,
+    which would otherwise end up in exported adapters and models that other users or tools read."""
+    mask = umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename
+    (with the permissions a plain ``open()`` would give it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,13 +86,15 @@ def staged_folder(final: str | os.PathLike, *, replace: bool = True) -> Iterator
 
     Temporary folders are named ``.<name>.partial-*`` so that listings (the library, the checkpoints)
     can skip them: a folder whose name starts with a dot is never a finished one. On an exception the
-    temporary folder is removed and ``final`` is untouched.
+    temporary folder is removed and ``final`` is untouched. The finished folder and its files get
+    the permissions a plain ``mkdir`` and ``open()`` would give them (:func:`normal_permissions`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+        normal_permissions(tmp)
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 with contextlib.suppress(OSError), open(os.path.join(root, name), "rb") as f:

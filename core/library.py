@@ -394,6 +394,24 @@ def _describe(folder: Path, *, name: str, imported_from: str, studio: dict | Non
     return e
 
 
+def _exported_studio(e: Entry) -> dict:
+    """An entry's studio.json as exported: the one in the library, plus the entry's name and notes
+    and whatever the library knows that studio.json lacks (a PEFT import's provenance, ...)."""
+    studio = _read_json(e.path / STUDIO_FILE) if (e.path / STUDIO_FILE).is_file() else {}
+    studio = dict(studio) if isinstance(studio, dict) else {}
+    studio["name"] = e.name
+    if e.notes:
+        studio["notes"] = e.notes
+    for key, value in (("created", e.created), ("dataset", e.dataset), ("training", e.training),
+                       ("loss_curve", e.loss_curve), ("eval_curve", e.eval_curve),
+                       ("fingerprint", e.base_fingerprint)):
+        if value and key not in studio:
+            studio[key] = value
+    if e.base_model and "base_model" not in studio:
+        studio["base_model"] = {"spec": e.base_model}
+    return studio
+
+
 def _validate_adapter(folder: Path) -> None:
     """Refuse what the studio cannot represent (DoRA, modules_to_save, pickled weights, a lone A...)
     before an adapter enters the library, with core.adapter's own message."""
@@ -654,6 +672,10 @@ class Library:
         _validate_adapter(src)
         previous = _read_json(src / ENTRY_FILE) if (src / ENTRY_FILE).is_file() else {}
         previous = previous if isinstance(previous, dict) else {}
+        if not previous and (src / STUDIO_FILE).is_file():  # an exported folder: its notes are in studio.json
+            studio = _read_json(src / STUDIO_FILE)
+            notes = studio.get("notes") if isinstance(studio, dict) else None
+            previous = {"notes": notes} if isinstance(notes, str) else {}
         wanted = name or previous.get("name") or _first(_read_json(src / STUDIO_FILE) if (src / STUDIO_FILE).is_file()
                                                         else {}, "name", default=None) or default_name or src.name
         display = self._unique_name(str(wanted)) if name is None else clean_name(name)
@@ -893,10 +915,12 @@ class Library:
 
     # -- export ----------------------------------------------------------------------------------
     def export(self, name_or_id: str, dest: str | os.PathLike, *, zip: bool = False) -> Path:
-        """Write an entry as a PEFT folder (``dest`` must not exist) or a ``.zip`` of one; returns it.
+        """Write an entry as a clean PEFT folder (``dest`` must not exist) or a ``.zip`` of one;
+        returns it.
 
-        The folder holds adapter_config.json, adapter_model.safetensors, studio.json and entry.json
-        (name, notes, provenance: read back by :meth:`import_path`); PEFT ignores the last two.
+        The folder holds adapter_config.json, adapter_model.safetensors and studio.json, which also
+        carries the entry's name and notes (read back by :meth:`import_path`); the library's own
+        entry.json stays in the library. Folders are 0o777 and files 0o666 less the umask.
         """
         e = self.resolve(name_or_id)
         out = Path(dest).expanduser()
@@ -904,22 +928,27 @@ class Library:
             out = out.with_name(out.name + ".zip")
         if out.exists():
             raise StudioError(f"{out}: already exists; choose a new destination")
-        files = [f for f in (*ADAPTER_FILES, ENTRY_FILE) if (e.path / f).is_file()]
+        files = {f: (e.path / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE) if (e.path / f).is_file()}
+        files[STUDIO_FILE] = (json.dumps(_exported_studio(e), indent=2, default=str) + "\n").encode()
         if zip:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
             try:
                 with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                    for f in files:
-                        zf.write(e.path / f, arcname=f"{e.id}/{f}")
+                    for f, data in files.items():
+                        info = zipfile.ZipInfo(f"{e.id}/{f}", date_time=_dt.datetime.now().timetuple()[:6])
+                        info.external_attr = (0o100000 | (0o666 & ~atomic.umask())) << 16
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        zf.writestr(info, data)
+                atomic.normal_permissions(tmp)
                 os.replace(tmp, out)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
         else:
             with atomic.staged_folder(out, replace=False) as tmp:
-                for f in files:
-                    shutil.copy2(e.path / f, tmp / f)
+                for f, data in files.items():
+                    (tmp / f).write_bytes(data)
         return out
 
     # -- compatibility ---------------------------------------------------------------------------

@@ -224,6 +224,32 @@ def test_export_folder_and_zip_then_reimport_is_identical(lib, tmp_path):
     assert from_zip.imported_from == str(z.resolve())
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_export_is_a_clean_peft_folder_with_normal_permissions(lib, tmp_path, mask):
+    """No entry.json (the library's own record) in an export; 0o777/0o666 less the umask, as a plain
+    mkdir and open() would make them, not tempfile's 0o700/0o600."""
+    import stat
+
+    e = lib.import_path(studio_adapter(tmp_path / "src"), name="clean")
+    old = os.umask(mask)
+    try:
+        folder = lib.export(e.id, tmp_path / "out" / "clean")
+        z = lib.export(e.id, tmp_path / "out" / "clean.zip", zip=True)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "studio.json"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~mask}
+    assert stat.S_IMODE(z.stat().st_mode) == 0o666 & ~mask
+    with zipfile.ZipFile(z) as zf:
+        assert sorted(i.filename for i in zf.infolist()) == [f"{e.id}/adapter_config.json",
+                                                             f"{e.id}/adapter_model.safetensors",
+                                                             f"{e.id}/studio.json"]
+        assert {stat.S_IMODE(i.external_attr >> 16) for i in zf.infolist()} == {0o666 & ~mask}
+    assert json.loads((folder / "studio.json").read_text())["name"] == "clean"
+
+
 # -- zips ------------------------------------------------------------------------------------------
 
 def _zip(path: Path, members: dict[str, bytes], *, symlink: str | None = None) -> Path:
