@@ -81,8 +81,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from core import chat
+from core.chat import END_OF_TURN, end_of_turn_ids  # noqa: F401  (the one list lives in core.chat)
 from core.errors import Cancelled, StudioError
 from core.home import sample_dataset, studio_home
+from core import safeio
 
 FORMATS = ("instruction", "chat", "prompt-completion", "text")
 """The formats a dataset can have (``core.config.FORMATS`` adds ``auto``)."""
@@ -106,10 +109,6 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 ROLES = {"user": "user", "human": "user", "system": "system", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
 """Message roles accepted in chat data (lower-cased), mapped to the chat template's three roles."""
-
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
-               "<|end_of_text|>", "<|eom_id|>")
-"""Tokens that end an assistant turn in common chat templates (besides the tokenizer's EOS)."""
 
 PLAIN_TEMPLATE = {"system": "{content}\n\n", "user": "### Instruction:\n{content}\n\n",
                   "assistant": "### Response:\n", "between": "\n\n"}
@@ -370,9 +369,9 @@ def _first_bad_json_line(path: Path) -> str | None:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})"
+                value = safeio.loads(line, str(path), lineno=lineno)
+            except StudioError as e:
+                return str(e)
             if not isinstance(value, dict):
                 return (f"{path}:{lineno}: expected one JSON object per line, found "
                         f"{type(value).__name__ if not isinstance(value, list) else 'a list'}")
@@ -388,7 +387,10 @@ def _diagnose(path: Path, kind: str, err: BaseException) -> StudioError:
     if kind == "json":
         try:
             with open(path, encoding="utf-8") as f:
-                json.load(f)
+                if safeio.depth(json.load(f)) > safeio.MAX_DEPTH:
+                    return safeio.too_deep(str(path))
+        except RecursionError:
+            return safeio.too_deep(str(path))
         except json.JSONDecodeError as e:
             # a .json file may be JSON Lines in disguise: then the line scan names the bad line
             lines = _first_bad_json_line(path) if e.msg == "Extra data" else None
@@ -640,8 +642,8 @@ def _messages(value, column: str) -> list[dict[str, str]]:
     """A chat column's value as ``[{"role", "content"}]`` with roles mapped to user/assistant/system."""
     if isinstance(value, str):  # CSV cells hold the list as JSON text
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
+            value = safeio.loads(value, f"field '{column}'")
+        except StudioError:
             raise RowProblem(f"field '{column}' is text, expected a list of messages") from None
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise RowProblem(f"field '{column}' is not a list of messages")
@@ -686,19 +688,8 @@ def _conversation(example: Mapping[str, Any], fmt: str, fields: Mapping[str, str
 
 # -- rendering: text plus the character spans to train --------------------------------------------
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn for this tokenizer: its EOS and the known end-of-turn
-    tokens it has (generation should stop at any of them)."""
-    vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for t in END_OF_TURN:
-        if t in vocab and vocab[t] not in ids:
-            ids.append(vocab[t])
-    return ids
-
-
 def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+    return chat.has_template(tokenizer)
 
 
 def _bos_text(tokenizer) -> str:
@@ -813,14 +804,16 @@ def _rendered(example, tokenizer, fmt, fields, bos: str) -> tuple[str, list[tupl
 
 
 def _labels_for(ids: list[int], offsets, spans, end_ids: set[int], eos_id: int | None,
-                template: bool) -> tuple[list[int], list[int]]:
+                template: bool, text: str = "") -> tuple[list[int], list[int]]:
     """Token labels from character spans: a token is trained when it starts inside a span. In each
-    span, tokens after the last end-of-turn token are not trained; a template span with no such token
-    gets the EOS inserted after its last trained token."""
+    span, the answer ends at its end-of-turn token (:func:`core.chat.answer_end`: what follows it is
+    not trained); a template span with no such token gets the EOS inserted after its last token."""
     trained = [False] * len(ids)
     inserts: list[int] = []
     k = 0
     n = len(ids)
+    # white-space-only tokens (ChatML's "\n" after <|im_end|>) may follow an answer's end-of-turn token
+    blank = [bool(text) and not text[offsets[j][0]:offsets[j][1]].strip() for j in range(n)]
     for a, b in spans:
         while k < n and offsets[k][0] < a:
             k += 1
@@ -830,7 +823,7 @@ def _labels_for(ids: list[int], offsets, spans, end_ids: set[int], eos_id: int |
         members = range(first, k)
         if not members:
             continue
-        last_end = max((j for j in members if ids[j] in end_ids), default=None)
+        last_end = chat.answer_end(ids, first, k, end_ids, blank)
         if last_end is None:
             stop = k
             if template and eos_id is not None:
@@ -881,8 +874,8 @@ def _encode_many(examples: Sequence[Mapping[str, Any]], tokenizer, fmt: str, fie
         if isinstance(r, RowProblem):
             out.append(r)
             continue
-        _, spans, template = r
-        ids, labels = _labels_for(list(all_ids[t]), all_offsets[t], spans, end_ids, eos_id, template)
+        text, spans, template = r
+        ids, labels = _labels_for(list(all_ids[t]), all_offsets[t], spans, end_ids, eos_id, template, text)
         t += 1
         if train_on_prompt:
             labels = list(ids)

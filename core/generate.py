@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from core.chat import END_OF_TURN, end_of_turn_ids, has_template
 from core.errors import StudioError
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-"""Chat end markers of common families (ChatML/SmolLM2/Qwen, Llama 3, Phi-3, Gemma, GPT-2, Llama 2).
-Any of them that the tokenizer knows as one token ends an answer."""
+END_OF_TURN_TOKENS = END_OF_TURN
+"""The chat end markers of :data:`core.chat.END_OF_TURN` (the one list training uses too). Any of them
+that the tokenizer knows as one token ends an answer."""
 
 @dataclass
 class Generation:
@@ -59,7 +60,7 @@ class Generation:
 
 def has_chat_template(tokenizer) -> bool:
     """Whether ``tokenizer`` carries a chat template (then prompts are formatted as a user turn)."""
-    return bool(getattr(tokenizer, "chat_template", None))
+    return has_template(tokenizer)
 
 
 def format_prompt(tokenizer, prompt, *, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -94,27 +95,9 @@ def format_prompt(tokenizer, prompt, *, chat: bool | None = None, system: str | 
 
 def stop_token_ids(model: nn.Module | None, tokenizer) -> set[int]:
     """Every id that ends an answer: EOS from the tokenizer and the model's configs, and the
-    end-of-turn markers of :data:`END_OF_TURN_TOKENS` the tokenizer has as single tokens."""
-    ids: set[int] = set()
-
-    def add(value: Any) -> None:
-        if value is None:
-            return
-        if isinstance(value, (list, tuple, set)):
-            for v in value:
-                add(v)
-        else:
-            ids.add(int(value))
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    if model is not None:
-        add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-        add(getattr(getattr(model, "config", None), "eos_token_id", None))
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    for tok in END_OF_TURN_TOKENS:
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return ids
+    end-of-turn markers of :data:`core.chat.END_OF_TURN` the tokenizer has as single tokens
+    (:func:`core.chat.end_of_turn_ids`, the same tokens training ends each answer with)."""
+    return set(end_of_turn_ids(tokenizer, model))
 
 
 def _context_length(model: nn.Module) -> int | None:
