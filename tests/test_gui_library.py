@@ -338,7 +338,7 @@ def test_combine_dialog_offers_exact_svd_and_task_merges(qtbot, page, setup):
 def test_export_merged_model_in_a_worker(qtbot, page, setup, tmp_path):
     page.select_name("qv-small")
     out = tmp_path / "merged"
-    page.ask_save_path = lambda *a: (str(out), False)
+    page.ask_merged_export = lambda suggestion: {"out": str(out), "dtype": "fp32"}
     page.export_merged_button.click()
     assert page.job is not None and page.job_row.isVisible()
     wait_idle(qtbot, page, timeout=120_000)
@@ -350,10 +350,46 @@ def test_export_merged_model_in_a_worker(qtbot, page, setup, tmp_path):
     torch.testing.assert_close(logits(plain), reference_logits(setup, "qv-small"), atol=1e-4, rtol=0)
 
 
+def test_export_merged_offers_bf16_fp16_fp32_and_writes_the_chosen_one(qtbot, page, setup, tmp_path):
+    """The window offers the command line's precisions (bf16 first: a quarter of fp32's 517 MiB
+    would not have surprised anyone); the written model is in the chosen dtype, with normal modes."""
+    import os
+    import stat
+
+    from safetensors import safe_open
+
+    from studio.widgets.export_dialog import MergedExportDialog
+
+    d = MergedExportDialog(str(tmp_path / "m"), parameters=134_515_008, checkpoint_dtype="float32")
+    qtbot.addWidget(d)
+    keys = [d.precision.itemData(i) for i in range(d.precision.count())]
+    assert keys == ["bf16", "fp16", "fp32", "auto"] and d.values()["dtype"] == "bf16"
+    assert "256.6 MiB" in d.precision.itemText(0) and "513.1 MiB" in d.precision.itemText(2)
+    d.precision.setCurrentIndex(1)
+    assert d.values() == {"out": str(tmp_path / "m"), "dtype": "fp16"}
+
+    page.select_name("qv-small")
+    out = tmp_path / "merged-bf16"
+    asked = []
+    page.ask_merged_export = lambda suggestion: asked.append(suggestion) or {"out": str(out), "dtype": "bf16"}
+    old = os.umask(0o022)
+    try:
+        page.export_merged_button.click()
+        wait_idle(qtbot, page, timeout=120_000)
+    finally:
+        os.umask(old)
+    assert asked and asked[0].endswith("-merged")
+    assert page.last_report["dtype"] in ("bf16", "bfloat16", "torch.bfloat16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
 def test_export_merged_cancel_leaves_nothing(qtbot, page, setup, tmp_path):
     page.select_name("qv-small")
     out = tmp_path / "merged-cancelled"
-    page.ask_save_path = lambda *a: (str(out), False)
+    page.ask_merged_export = lambda suggestion: {"out": str(out), "dtype": "fp32"}
     page.export_merged_button.click()
     with qtbot.waitSignal(page.job.cancelled, timeout=60_000):
         page.job_cancel.click()
@@ -559,7 +595,7 @@ def test_trained_adapter_goes_from_the_train_page_to_library_merge_export_and_pl
     torch.testing.assert_close(logits(model), tuned, atol=1e-4, rtol=0)
 
     out = tmp_path / "merged"
-    library.ask_save_path = lambda *a: (str(out), False)
+    library.ask_merged_export = lambda suggestion: {"out": str(out), "dtype": "fp32"}
     library.export_merged_button.click()
     wait_idle(qtbot, library, timeout=120_000)
     from transformers import AutoModelForCausalLM

@@ -30,16 +30,16 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QButtonGroup, QComboBox, QDialog,
-                               QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
-                               QHBoxLayout, QHeaderView, QInputDialog, QLabel, QLineEdit, QMenu,
-                               QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton,
-                               QSpinBox, QSplitter, QTableView, QTableWidget, QTableWidgetItem, QTabWidget,
+from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QDialog, QFileDialog, QFrame,
+                               QHBoxLayout, QHeaderView, QInputDialog, QLabel, QLineEdit, QMenu, QMessageBox,
+                               QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTableView, QTabWidget,
                                QToolButton, QVBoxLayout, QWidget)
 
 from studio import workers
 from studio.pages import Page, setting
 from studio.widgets import format_bytes, format_count
+from studio.widgets.combine_dialog import CombineDialog
+from studio.widgets.export_dialog import MergedExportDialog
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 ENTRY_ROLE = Qt.ItemDataRole.UserRole + 2
@@ -335,8 +335,9 @@ def combine_into_library(root: str, entry_ids: list[str], weights: list[float], 
 
 
 def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float], mode: str, rank: int | None,
-                        out: str, *, progress, cancelled):
-    """core.export.export_merged with progress; a cancel ends it at the next progress report."""
+                        out: str, dtype: str | None = None, *, progress, cancelled):
+    """core.export.export_merged (weights saved in ``dtype``: fp32, bf16, fp16 or auto) with progress;
+    a cancel ends it at the next progress report."""
     from core import export
     from core.errors import Cancelled
 
@@ -346,96 +347,10 @@ def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float]
         progress((message, fraction))
 
     return export.export_merged(spec_or_loaded, folders, weights, combine=mode, rank=rank, out=out,
-                                progress=report)
+                                dtype=dtype, progress=report)
 
 
 # -- dialogs -----------------------------------------------------------------------------------------
-
-class CombineDialog(QDialog):
-    """Weights for each selected adapter; exact, SVD or a task merge (TIES, DARE) to a rank; and (to
-    combine) a name."""
-
-    def __init__(self, entries: list, *, title: str, with_name: bool, parent=None):
-        super().__init__(parent)
-        self.setWindowTitle(title)
-        self.entries = entries
-        self.table = QTableWidget(len(entries), 3)
-        self.table.setHorizontalHeaderLabels(["adapter", "rank", "weight"])
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().hide()
-        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.weights: list[QDoubleSpinBox] = []
-        for i, e in enumerate(entries):
-            self.table.setItem(i, 0, QTableWidgetItem(e.name))
-            self.table.setItem(i, 1, QTableWidgetItem("" if e.rank is None else str(e.rank)))
-            w = QDoubleSpinBox()
-            w.setRange(-4.0, 4.0)
-            w.setSingleStep(0.1)
-            w.setDecimals(2)
-            w.setValue(1.0)
-            w.setToolTip("Each adapter's ΔW is multiplied by this; 1.0 keeps its full effect")
-            self.weights.append(w)
-            self.table.setCellWidget(i, 2, w)
-        self.exact = QRadioButton("Exact (the weighted sum; rank adds up)")
-        self.exact.setToolTip("Concatenate the adapters: ΔW = Σ wᵢ ΔWᵢ exactly, with rank Σ rᵢ")
-        self.svd = QRadioButton("SVD of the weighted sum, truncated to the rank below")
-        self.svd.setToolTip("Truncate the weighted sum to the given rank per matrix (smaller, approximate)")
-        self.task = QRadioButton("Task merge, truncated to the rank below:")
-        self.task.setToolTip("Merge the ΔW's as PEFT's task-arithmetic methods do, then truncate to the rank")
-        self.task_mode = QComboBox()
-        for label, mode, tip in (
-                ("TIES", "ties", "Keep each ΔW's largest 20 % of entries, elect a sign per entry, average "
-                                 "the entries that agree with it (Yadav et al., 2023)"),
-                ("DARE", "dare_linear", "Drop 90 % of each ΔW's entries at random, rescale the rest, then "
-                                        "add them with the weights (Yu et al., 2023)"),
-                ("DARE + TIES", "dare_ties", "DARE's random drop, then TIES' sign election")):
-            self.task_mode.addItem(label, mode)
-            self.task_mode.setItemData(self.task_mode.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
-        group = QButtonGroup(self)
-        for b in (self.exact, self.svd, self.task):
-            group.addButton(b)
-        self.exact.setChecked(True)
-        self.rank = QSpinBox()
-        self.rank.setRange(1, 1024)
-        self.rank.setValue(max([e.rank or 8 for e in entries] or [8]))
-        self.rank.setEnabled(False)
-        self.task_mode.setEnabled(False)
-        self.exact.toggled.connect(lambda exact: self.rank.setEnabled(not exact))
-        self.task.toggled.connect(self.task_mode.setEnabled)
-        svd_row = QHBoxLayout()
-        svd_row.addWidget(self.svd)
-        svd_row.addStretch(1)
-        task_row = QHBoxLayout()
-        task_row.addWidget(self.task)
-        task_row.addWidget(self.task_mode)
-        task_row.addStretch(1)
-        rank_row = QHBoxLayout()
-        rank_row.addWidget(QLabel("Rank of the result"))
-        rank_row.addWidget(self.rank)
-        rank_row.addStretch(1)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.table)
-        lay.addWidget(self.exact)
-        lay.addLayout(svd_row)
-        lay.addLayout(task_row)
-        lay.addLayout(rank_row)
-        self.name = QLineEdit()
-        if with_name:
-            self.name.setText(" + ".join(e.name for e in entries)[:120])
-            form = QFormLayout()
-            form.addRow("Name of the result", self.name)
-            lay.addLayout(form)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        lay.addWidget(buttons)
-        self.resize(520, 260 + 32 * len(entries))
-
-    def values(self) -> dict:
-        mode = "exact" if self.exact.isChecked() else ("svd" if self.svd.isChecked() else self.task_mode.currentData())
-        return {"weights": [w.value() for w in self.weights], "mode": mode,
-                "rank": None if mode == "exact" else self.rank.value(), "name": self.name.text().strip()}
-
 
 class UndoBar(QFrame):
     """"Moved … to the trash. Undo" after a delete, until dismissed or replaced."""
@@ -487,6 +402,7 @@ class LibraryPage(Page):
         self.ask_confirm: Callable[[str, str], bool] = self._ask_confirm
         self.ask_combine: Callable[[list, str, bool], dict | None] = self._ask_combine
         self.ask_save_path: Callable[[str, str, str], tuple[str, bool] | None] = self._ask_save_path
+        self.ask_merged_export: Callable[[str], dict | None] = self._ask_merged_export
         self.ask_import_path: Callable[[bool], str | None] = self._ask_import_path
 
         self._build()
@@ -1157,18 +1073,19 @@ class LibraryPage(Page):
         spec = self.state.loaded if self.state.loaded is not None else self.state.config.model.source
         base = _model_name(self.state.loaded) if self.state.loaded is not None else Path(str(spec)).name
         suggestion = str(Path.home() / f"{base}-{'-'.join(e.id for e in entries)[:60]}-merged")
-        chosen = self.ask_save_path("Export the merged model to a new folder", suggestion, "")
+        chosen = self.ask_merged_export(suggestion)
         if not chosen:
             return
-        out = chosen[0]
+        out, dtype = chosen["out"], chosen["dtype"]
 
         def exported(report):
             self.last_report = report
             size = format_bytes(report.get("size_bytes")) if isinstance(report, dict) else ""
-            self.state.say(f"merged model written to {out} ({size}), verified by its logits")
+            self.state.say(f"merged model written to {out} ({size}, {report.get('dtype', dtype)}), "
+                           "verified by its logits")
 
         self._run_job("Exporting the merged model", export_merged_model, spec, [str(e.path) for e in entries],
-                      values["weights"], values["mode"], values["rank"], out, on_done=exported)
+                      values["weights"], values["mode"], values["rank"], out, dtype, on_done=exported)
 
     def export_selected(self) -> None:
         entry = self.current_entry()
@@ -1266,6 +1183,14 @@ class LibraryPage(Page):
         if not path:
             return None
         return path, "zip" in chosen.lower() or path.lower().endswith(".zip")
+
+    def _ask_merged_export(self, suggestion: str) -> dict | None:
+        """``{"out": folder, "dtype": "bf16" | "fp16" | "fp32" | "auto"}``, or None when cancelled."""
+        info = self.state.model_info
+        summary = info.summary if info is not None else {}
+        dialog = MergedExportDialog(suggestion, parameters=summary.get("parameters"),
+                                    checkpoint_dtype=summary.get("dtype"), parent=self)
+        return dialog.values() if dialog.exec() == QDialog.DialogCode.Accepted else None
 
     def _ask_import_path(self, folder: bool) -> str | None:
         if folder:
