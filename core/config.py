@@ -175,13 +175,10 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
+        from core import safeio
+
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StudioError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise StudioError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        d = safeio.read_json(path)
         return cls.from_dict(d, source=str(path))
 
     def copy(self) -> "RunConfig":
