@@ -53,6 +53,7 @@ import hashlib
 import math
 import os
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -276,6 +277,7 @@ class Trainer:
         self._adapter = ADAPTER_NAME
         self._owns_group = False
         self._saved_step = -1
+        self._eval_pending = False
         self._device_spec: str | None = None  # the device this rank uses under torchrun (config.json keeps the user's)
 
     # -- flags (any thread) ------------------------------------------------------------------------
@@ -316,12 +318,18 @@ class Trainer:
         the user can fix (bad data, NaN loss, out of memory), after recording ``failed``."""
         self._t_start = time.perf_counter()
         self._init_distributed()
+        existed = self.run_folder.path.exists()
         try:
             return self._run(resume)
         except (StudioError, Exception) as e:
             if self.is_main and self.run_folder.path.exists() and not isinstance(e, KeyboardInterrupt):
+                self.run_folder.close()
+                if not resume and not existed and not self.run_folder.checkpoints():
+                    # a new run that failed before its first checkpoint leaves nothing to resume or read
+                    shutil.rmtree(self.run_folder.path, ignore_errors=True)
                 with contextlib.suppress(Exception):
-                    self.run_folder.write_status("failed", message=str(e))
+                    if self.run_folder.path.exists():
+                        self.run_folder.write_status("failed", message=str(e))
             if isinstance(e, StudioError):
                 self._status("failed", str(e))
             raise
@@ -663,12 +671,9 @@ class Trainer:
             if single:  # a request made by the callback of this very step counts now
                 stop_now, pause_now = self._stop.is_set(), self._pause.is_set()
             if eval_now or (last and len(self.val_set) > 0):
-                try:
-                    self._evaluate()
-                except Exception as e:
-                    if _is_oom(e):
-                        raise self._oom_error(e) from None
-                    raise
+                self._evaluate_interruptible(single and not last)
+                if single:  # asked during the evaluation, which then stopped where it was
+                    stop_now, pause_now = self._stop.is_set(), self._pause.is_set()
             self._elapsed_now = elapsed
             if last:
                 break
@@ -677,16 +682,35 @@ class Trainer:
             if stop_now:
                 return self._finish("stopped")
             if pause_now:
-                self._do_pause()
-                if self._stop.is_set():
-                    return self._finish("stopped")
+                while pause_now:
+                    self._do_pause()
+                    if self._stop.is_set():
+                        return self._finish("stopped")
+                    pause_now = False
+                    if self._eval_pending:  # the evaluation the pause interrupted, done now
+                        self._evaluate_interruptible(True)
+                        if self._stop.is_set():
+                            return self._finish("stopped")
+                        pause_now = self._pause.is_set()
                 session_t0, session_steps, session_tokens = time.perf_counter(), 0, 0
                 self.elapsed_before = self._elapsed_now
         return self._finish("finished")
 
     # -- evaluation --------------------------------------------------------------------------------
-    def _evaluate(self) -> float:
-        """Token-weighted mean loss over the validation split (each rank its share, then summed)."""
+    def _evaluate_interruptible(self, interruptible: bool) -> None:
+        """:meth:`_evaluate`; with ``interruptible`` a stop or pause asked meanwhile ends it between
+        batches (no eval row), and ``_eval_pending`` says a pause should run it again afterwards."""
+        interrupt = (lambda: self._stop.is_set() or self._pause.is_set()) if interruptible else None
+        try:
+            self._eval_pending = self._evaluate(interrupt) is None
+        except Exception as e:
+            if _is_oom(e):
+                raise self._oom_error(e) from None
+            raise
+
+    def _evaluate(self, interrupt: Callable[[], bool] | None = None) -> float | None:
+        """Token-weighted mean loss over the validation split (each rank its share, then summed);
+        None when ``interrupt()`` turned true before it was done."""
         self._status("evaluating", f"evaluating at step {self.step}")
         model = self.model
         model.eval()
@@ -695,6 +719,9 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for i in range(0, len(idx), bs):
+                if interrupt is not None and interrupt():
+                    model.train()
+                    return None
                 batch = self._batch(idx[i:i + bs], self.val_set)
                 total[0] += self._loss_sum(model, batch).double()
                 total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
