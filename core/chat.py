@@ -180,3 +180,65 @@ def describe(tokenizer, choice: str | None = "auto") -> str:
     style = template_style(tokenizer.chat_template)
     label = next((words for name, _, words in STYLES if name == style), "its own format")
     return f"conversations are rendered with the model's chat template: {label}"
+
+
+class TemplateProblem(StudioError):
+    """A conversation the chat template refuses or cannot render as prompt + answer."""
+
+
+def render(tokenizer, messages, generation: bool) -> str:
+    """``messages`` as text through the tokenizer's chat template (``generation``: end with the
+    template's generation prompt, where the assistant's answer starts)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _agreed_end(upto: str, full: str, start: int, enders: Sequence[str]) -> int:
+    """Where a turn rendered as the last one (``upto``) stops agreeing with the whole conversation
+    (``full``), cut back to just after the last end-of-turn token before that point and the white space
+    following it (a character-wise prefix would end inside a special token: ``<|end|>\n<|`` is common
+    to ``...<|endoftext|>`` and ``...<|user|>``). ``start`` when no end-of-turn token is there."""
+    n = min(len(upto), len(full))
+    i = 0
+    while i < n and upto[i] == full[i]:
+        i += 1
+    cut = max((full.rfind(t, start, i) + len(t) for t in enders if full.rfind(t, start, i) >= 0), default=start)
+    while cut < i and full[cut].isspace():
+        cut += 1
+    return cut
+
+
+def answer_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered with the chat template, and the character spans of the assistant
+    turns that can be trained.
+
+    Turn ``i`` is the text between ``render(messages[:i], generation=True)`` (the prompt, which must
+    be a prefix of the whole) and the point where ``render(messages[:i + 1])`` stops agreeing with the
+    whole conversation, provided that part holds the whole answer. Phi-3's template closes a
+    conversation with the EOS, so a turn rendered as the last one ends ``<|end|>\\n<|endoftext|>`` but
+    inside the conversation ``<|end|>\\n<|user|>``: the turn is trained up to where the two agree. A
+    template that renders an earlier turn differently once later turns follow (Qwen3 drops an earlier
+    answer's reasoning block) leaves that turn as untrained context. Raises :class:`TemplateProblem`.
+    """
+    enders = [t for t in (*END_OF_TURN, getattr(tokenizer, "eos_token", None)) if t]
+    try:
+        full = render(tokenizer, messages, False)
+        spans = []
+        pos = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = render(tokenizer, messages[:i], True)
+            upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], False)
+            end = len(upto) if full.startswith(upto) else _agreed_end(upto, full, len(prompt), enders)
+            whole = end == len(upto) or m["content"].strip() in full[len(prompt):end]
+            if len(prompt) >= pos and full.startswith(prompt) and end > len(prompt) and whole:
+                spans.append((len(prompt), end))
+                pos = end
+    except StudioError:
+        raise
+    except Exception as e:  # jinja2 raises TemplateError (e.g. "roles must alternate"), others ValueError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TemplateProblem(f"the chat template refused this conversation ({first})") from None
+    if not spans:
+        raise TemplateProblem("the chat template does not render this conversation as prompt + answer")
+    return full, spans

@@ -709,7 +709,7 @@ def _eos_text(tokenizer) -> str:
 
 
 def _render(tokenizer, messages, generation: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return chat.render(tokenizer, messages, generation)
 
 
 def format_prompt(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
@@ -755,28 +755,12 @@ def _plain(tokenizer, messages, bos: str) -> tuple[str, list[tuple[int, int]]]:
 
 
 def _with_template(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
-    """Render with the chat template: (text, spans of the assistant turns that can be trained)."""
+    """Render with the chat template: (text, spans of the assistant turns that can be trained), by
+    :func:`core.chat.answer_spans`; a conversation it cannot train is a :class:`RowProblem`."""
     try:
-        full = _render(tokenizer, messages, False)
-        spans = []
-        pos = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt = _render(tokenizer, messages[:i], True)
-            upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
-            # Train a turn only when the template renders it as prompt + answer inside the full text;
-            # a turn rendered differently once later turns follow stays untrained context.
-            if len(prompt) >= pos and upto.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt):
-                spans.append((len(prompt), len(upto)))
-                pos = len(upto)
-    except StudioError:
-        raise
-    except Exception as e:  # jinja2 raises TemplateError (e.g. "roles must alternate"), others ValueError
-        raise RowProblem(f"the chat template refused this conversation ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not spans:
-        raise RowProblem("the chat template does not render this conversation as prompt + answer")
-    return full, spans
+        return chat.answer_spans(tokenizer, messages)
+    except chat.TemplateProblem as e:
+        raise RowProblem(str(e)) from None
 
 
 def _rendered(example, tokenizer, fmt, fields, bos: str) -> tuple[str, list[tuple[int, int]], bool]:
