@@ -277,3 +277,42 @@ def list_runs(root: str | os.PathLike | None = None, *, roots: Iterable[str | os
             out.append(RunFolder(c).info())
     out.sort(key=lambda d: d.get("updated") or d.get("started") or 0, reverse=True)
     return out
+
+
+RESUMABLE = ("stopped", "interrupted", "failed")
+"""Statuses of a run that can go on from its newest checkpoint (``running`` and ``paused`` belong to a
+live process; a ``finished`` run has nothing left to train)."""
+
+
+def resumable(info: dict) -> bool:
+    """Whether a run (a :meth:`RunFolder.info` dict) can be continued: it stopped, was interrupted or
+    failed, holds a complete checkpoint, and has steps left."""
+    step, total = info.get("step") or 0, info.get("total_steps")
+    return (info.get("status") in RESUMABLE and bool(info.get("latest_checkpoint"))
+            and (not isinstance(total, int) or step < total))
+
+
+def default_run_name(model: str, data: str) -> str:
+    """A run's name when the user gives none: the model's and the dataset's names, e.g.
+    ``smollm2-sample_dataset`` (the bundled default on the bundled sample)."""
+    def last(spec: str) -> str:
+        spec = str(spec).rstrip("/\\")
+        p = Path(spec)
+        return p.stem if p.suffix.lower() in (".gguf", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt") \
+            else (p.name or spec)
+
+    m = "smollm2" if model in ("", "default") else last(model)
+    d = last(data) if data else "sample_dataset"
+    return re.sub(r"[^\w.-]+", "-", f"{m}-{d}").strip("-.") or "run"
+
+
+def new_run_folder(name: str, root: str | os.PathLike | None = None) -> Path:
+    """A folder for a new run called ``name`` under ``root`` (default the studio's runs folder) that
+    does not exist yet: ``name``, else ``name-2``, ``name-3``, ... (nothing is created)."""
+    base = Path(root) if root is not None else runs_dir()
+    stem = re.sub(r"[^\w.-]+", "-", name).strip("-.") or "run"
+    folder, i = base / stem, 2
+    while folder.exists():
+        folder, i = base / f"{stem}-{i}", i + 1
+    return folder
+

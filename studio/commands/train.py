@@ -34,7 +34,7 @@ _MAP = {
     "warmup": ("train", "warmup"), "weight_decay": ("train", "weight_decay"),
     "max_grad_norm": ("train", "max_grad_norm"), "eval_every": ("train", "eval_every"),
     "save_every": ("train", "save_every"), "log_every": ("train", "log_every"), "seed": ("train", "seed"),
-    "out": (None, "out"), "name": (None, "name"),
+    "out": (None, "out"), "name": (None, "name"), "init": ("lora", "init"), "fields": ("data", "fields"),
 }
 
 
@@ -70,8 +70,11 @@ def register(sub) -> None:
     g.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
     g.add_argument("--dropout", type=float, help="dropout on the adapter's input (default: 0)")
     g.add_argument("--rslora", action=B, default=None, help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--init", choices=("kaiming", "gaussian"), help="how A starts (default: kaiming; B starts at 0)")
     g = t.add_argument_group("data")
     g.add_argument("--format", choices=FORMATS, help="dataset format (default: auto, detected)")
+    g.add_argument("--fields", metavar="FIELD=COLUMN,...",
+                   help="map the format's fields to the file's columns, e.g. instruction=question,output=answer")
     g.add_argument("--max-length", type=int, help="tokens per example; longer ones are cut (default: 512)")
     g.add_argument("--packing", action=B, default=None, help="pack short examples into full-length sequences")
     g.add_argument("--train-on-prompt", action=B, default=None,
@@ -128,6 +131,15 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, dest, None)
         if value is None:
             continue
+        if dest == "fields":
+            from core.data import parse_fields
+
+            value = parse_fields(value)
+        elif dest == "targets" and "," in value:
+            from core.targets import describe_spec
+
+            kind, names = describe_spec(value)
+            value = names if kind == "names" else value  # a list of names, as the Layers page makes
         target = cfg if section is None else getattr(cfg, section)
         setattr(target, name, value)
     if args.steps is not None and args.epochs is None:
@@ -137,6 +149,36 @@ def build_config(args: argparse.Namespace):
     if args.config and args.out and args.name is None and named_after_folder:
         cfg.name = ""  # a repeated run is named after its own folder
     return cfg
+
+
+def command_line(cfg, program: str = "lora-studio") -> list[str]:
+    """The ``train`` command that builds ``cfg`` again (:func:`build_config` of its arguments equals
+    it): the model, the data, the run folder and the length always, every other option only where
+    it differs from a new run's default. The window's "Copy as command" shows it."""
+    from core.config import RunConfig
+
+    default = RunConfig()
+    argv = [program, "train"]
+    first = ("model", "data", "out", "name", "steps", "epochs")  # what a reader looks for first
+    for dest in sorted(_MAP, key=lambda d: first.index(d) if d in first else len(first)):
+        section, name = _MAP[dest]
+        value = getattr(cfg if section is None else getattr(cfg, section), name)
+        base = getattr(default if section is None else getattr(default, section), name)
+        flag = "--" + dest.replace("_", "-")
+        if dest in ("steps", "epochs"):
+            if value is not None:
+                argv += [flag, repr(value)]
+        elif value is None or (value == base and dest not in ("model", "out")):
+            continue
+        elif isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif dest == "fields":
+            argv += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(value) + ("," if len(value) == 1 else "")]  # "," keeps it a list
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 def cmd_train(args: argparse.Namespace) -> int:
