@@ -468,7 +468,8 @@ def _gguf_header(ref: ModelRef):
 
         header = GgufHeader.from_file(str(ref.path))
         metadata, _ = read_gguf_metadata(str(ref.path))
-    except (ValueError, OSError, struct.error, IndexError, KeyError, UnicodeDecodeError) as e:
+    except (ValueError, OSError, struct.error, IndexError, KeyError, UnicodeDecodeError, OverflowError,
+            MemoryError) as e:  # lengths and counts in the header are the file's word: anything goes
         raise StudioError(f"--model {ref.spec}: {ref.path} is not a readable GGUF file ({_first_line(e)})",
                           hint="download or copy it again") from None
     arch = header.architecture
