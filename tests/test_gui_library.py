@@ -309,6 +309,43 @@ def test_combine_creates_an_entry(qtbot, page, setup):
     assert Library().resolve("qv-svd2").rank == 2
 
 
+def test_window_keeps_its_width_after_combine_and_columns_fit(qtbot, setup, tmp_path):
+    """The window never resizes itself: a combined entry's long name and paths elide or wrap; and at
+    the default width every column of the table is visible (none hidden off to the right)."""
+    from studio.app import MainWindow
+
+    w = MainWindow(background=False)
+    qtbot.addWidget(w)
+    w.state.config.model.source = setup["base"]
+    w.resize(1200, 800)
+    w.show()
+    w.show_page("library")
+    page = w.page("library")
+    w.state.set_loaded(setup["loaded"])
+    wait_idle(qtbot, page)
+    qtbot.waitUntil(lambda: w.width() == 1200)
+
+    def all_columns_visible():
+        view = page.table.viewport().width()
+        last = max(page.table.columnViewportPosition(c) + page.table.columnWidth(c) for c in range(len(COLUMN)))
+        return page.table.horizontalScrollBar().maximum() == 0 and last <= view + 1
+
+    assert all_columns_visible()
+    page.select_ids([setup["entries"]["qv-small"].id, setup["entries"]["qv-other"].id])
+    long_name = "a combination of qv-small and qv-other with a name longer than any column should be " * 2
+    page.ask_combine = lambda entries, title, with_name: {"weights": [1.0, 0.5], "mode": "exact", "rank": None,
+                                                          "name": long_name.strip()[:120]}
+    page.combine_button.click()
+    wait_idle(qtbot, page)
+    qtbot.wait(50)
+    assert page.current_entry().name.startswith("a combination")
+    assert w.width() == 1200
+    assert all_columns_visible()
+    page.tabs.setCurrentIndex(0)
+    w.grab().save(str(tmp_path / "library-after-combine.png"))
+    w.close()
+
+
 def test_combine_dialog_offers_exact_svd_and_task_merges(qtbot, page, setup):
     from studio.pages.library import CombineDialog
 

@@ -23,240 +23,24 @@ are disabled. Nothing touches the model while it trains.
 
 from __future__ import annotations
 
-import datetime as _dt
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
-from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QDialog, QFileDialog, QFrame,
-                               QHBoxLayout, QHeaderView, QInputDialog, QLabel, QLineEdit, QMenu, QMessageBox,
-                               QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTableView, QTabWidget,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QFileDialog, QFrame, QHBoxLayout,
+                               QHeaderView, QInputDialog, QLabel, QLineEdit, QMenu, QMessageBox, QPlainTextEdit,
+                               QProgressBar, QPushButton, QSplitter, QTabWidget, QToolButton,
+                               QVBoxLayout, QWidget)
 
 from studio import workers
 from studio.pages import Page, setting
-from studio.widgets import format_bytes, format_count
+from studio.pages.library_table import (ALL_BASES, COLUMN, COLUMNS, Compat, LibraryFilter,  # noqa: F401
+                                        LibraryTableModel, LibraryTableView, _created, _targets,
+                                        fit_columns)
+from studio.widgets import format_bytes
 from studio.widgets.combine_dialog import CombineDialog
 from studio.widgets.export_dialog import MergedExportDialog
-
-SORT_ROLE = Qt.ItemDataRole.UserRole + 1
-ENTRY_ROLE = Qt.ItemDataRole.UserRole + 2
-
-COLUMNS = [("name", "Name"), ("base_model", "Base model"), ("rank", "Rank"), ("alpha", "Alpha"),
-           ("targets", "Targets"), ("params", "Params"), ("size", "Size"), ("created", "Created"),
-           ("loss", "Loss"), ("on_model", "On model")]
-COLUMN = {key: i for i, (key, _) in enumerate(COLUMNS)}
-NUMERIC = {"rank", "alpha", "params", "size", "loss"}
-ALL_BASES = "All base models"
-HEADER_TIPS = {"loss": "The best validation loss, else the final training loss",
-               "params": "Trainable parameters: Σ r·(d_in + d_out) over the adapted matrices",
-               "on_model": "How the adapter is on the loaded model: active, merged into the weights, or "
-                           "loaded but inactive"}
-
-
-@dataclass
-class Compat:
-    """Whether an entry can be applied to the loaded model (core.library.check_adapter's answer)."""
-
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def _created(text: str, *, short: bool = False) -> str:
-    """ISO timestamp (UTC) → local ``YYYY-MM-DD HH:MM`` (``short``: ``Nov 28 15:14`` this year)."""
-    if not text:
-        return ""
-    try:
-        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return text
-    if t.tzinfo is not None:
-        t = t.astimezone()
-    if short and t.year == _dt.datetime.now().year:
-        return t.strftime("%b %d %H:%M")
-    return t.strftime("%Y-%m-%d %H:%M")
-
-
-def _short_model(spec: str) -> str:
-    """A base model as a column shows it: a folder or file by its name, a repo id as it is."""
-    if not spec:
-        return "?"
-    if spec == "default":
-        return "SmolLM2-135M-Instruct"
-    if "/" in spec and not spec.startswith(("/", ".", "~")) and spec.count("/") == 1:
-        return spec  # org/name
-    return Path(spec).name or spec
-
-
-def _targets(entry) -> str:
-    return ", ".join(entry.targets) if entry.targets else ""
-
-
-# -- the table ---------------------------------------------------------------------------------------
-
-class LibraryTableModel(QAbstractTableModel):
-    """Rows are core.library entries; ``compat`` (id → Compat) and ``on_model`` (id → state) come
-    from the loaded model and only change how rows look."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.entries: list = []
-        self.compat: dict[str, Compat] = {}
-        self.on_model: dict[str, str] = {}
-
-    def set_entries(self, entries: list) -> None:
-        self.beginResetModel()
-        self.entries = list(entries)
-        self.endResetModel()
-
-    def set_compat(self, compat: dict[str, Compat]) -> None:
-        self.compat = dict(compat)
-        self._all_changed()
-
-    def set_on_model(self, on_model: dict[str, str]) -> None:
-        self.on_model = dict(on_model)
-        self._all_changed()
-
-    def _all_changed(self) -> None:
-        if self.entries:
-            self.dataChanged.emit(self.index(0, 0), self.index(len(self.entries) - 1, len(COLUMNS) - 1))
-
-    def row_of(self, entry_id: str) -> int:
-        return next((i for i, e in enumerate(self.entries) if e.id == entry_id), -1)
-
-    # -- Qt -------------------------------------------------------------------------------------
-    def rowCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.entries)
-
-    def columnCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(COLUMNS)
-
-    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return COLUMNS[section][1]
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
-            return HEADER_TIPS.get(COLUMNS[section][0])
-        return None
-
-    def raw(self, entry, key: str) -> Any:
-        """The value a column sorts by (None sorts last)."""
-        return {
-            "name": entry.name.casefold(), "base_model": entry.base_model or None, "rank": entry.rank,
-            "alpha": entry.alpha, "targets": _targets(entry) or None, "params": entry.trainable_params or None,
-            "size": entry.size_bytes or None, "created": entry.created or None, "loss": entry.loss,
-            "on_model": self.on_model.get(entry.id),
-        }[key]
-
-    def display(self, entry, key: str) -> str:
-        if key == "name":
-            return entry.name
-        if key == "base_model":
-            return _short_model(entry.base_model)
-        if key == "rank":
-            return "" if entry.rank is None else str(entry.rank)
-        if key == "alpha":
-            return "" if entry.alpha is None else f"{entry.alpha:g}" + (" (rs)" if entry.rslora else "")
-        if key == "targets":
-            return _targets(entry)
-        if key == "params":
-            return format_count(entry.trainable_params) if entry.trainable_params else ""
-        if key == "size":
-            return format_bytes(entry.size_bytes) if entry.size_bytes else ""
-        if key == "created":
-            return _created(entry.created, short=True)
-        if key == "loss":
-            return "" if entry.loss is None else f"{entry.loss:.4f}"
-        if key == "on_model":
-            return self.on_model.get(entry.id, "")
-        return ""
-
-    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
-            return None
-        entry = self.entries[index.row()]
-        key = COLUMNS[index.column()][0]
-        compat = self.compat.get(entry.id)
-        if role == Qt.ItemDataRole.DisplayRole:
-            return self.display(entry, key)
-        if role == SORT_ROLE:
-            return self.raw(entry, key)
-        if role == ENTRY_ROLE:
-            return entry
-        if role == Qt.ItemDataRole.ToolTipRole:
-            if compat is not None and compat.problems:
-                return "Cannot be applied to the loaded model:\n" + "\n".join(compat.problems)
-            if compat is not None and compat.warnings:
-                return "\n".join(compat.warnings)
-            if key == "targets":
-                return _targets(entry)
-            if key == "base_model":
-                return entry.base_model or None
-            if key == "created":
-                return _created(entry.created)
-            return entry.notes or None
-        if role == Qt.ItemDataRole.ForegroundRole:
-            if compat is not None and compat.problems:
-                return QApplication.palette().color(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text)
-            if compat is not None and compat.warnings and key == "name":
-                return QColor("#C77700")
-        if role == Qt.ItemDataRole.FontRole and key == "on_model" and self.on_model.get(entry.id):
-            f = QApplication.font()
-            f.setBold(True)
-            return f
-        if role == Qt.ItemDataRole.TextAlignmentRole and key in NUMERIC:
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        return None
-
-
-class LibraryFilter(QSortFilterProxyModel):
-    """Search on name and notes (case-insensitive), an optional base model, sorting by raw values."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.text = ""
-        self.base_model = ""
-        self.setSortRole(SORT_ROLE)
-
-    def set_text(self, text: str) -> None:
-        self._refilter(lambda: setattr(self, "text", text.strip().casefold()))
-
-    def set_base_model(self, base: str) -> None:
-        self._refilter(lambda: setattr(self, "base_model", base))
-
-    def _refilter(self, change) -> None:
-        """Qt 6.10 replaced invalidateFilter with a begin/end pair around the change."""
-        if hasattr(self, "beginFilterChange"):
-            self.beginFilterChange()
-            change()
-            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
-        else:  # pragma: no cover - older Qt
-            change()
-            self.invalidateFilter()
-
-    def filterAcceptsRow(self, row: int, parent: QModelIndex) -> bool:
-        entry = self.sourceModel().entries[row]
-        if self.base_model and entry.base_model != self.base_model:
-            return False
-        if self.text:
-            hay = f"{entry.name}\n{entry.notes}\n{_targets(entry)}".casefold()
-            return all(word in hay for word in self.text.split())
-        return True
-
-    def lessThan(self, left: QModelIndex, right: QModelIndex) -> bool:
-        a, b = left.data(SORT_ROLE), right.data(SORT_ROLE)
-        descending = self.sortOrder() == Qt.SortOrder.DescendingOrder
-        if a is None or b is None:  # missing figures last, whichever the direction
-            return (a is not None and b is None) != descending if (a is None) != (b is None) else False
-        try:
-            return a < b
-        except TypeError:
-            return str(a) < str(b)
 
 
 # -- jobs (run in worker threads) -------------------------------------------------------------------
@@ -359,6 +143,7 @@ class UndoBar(QFrame):
         super().__init__(parent)
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.label = QLabel()
+        self.label.setWordWrap(True)  # many long names must not widen the window
         self.undo = QPushButton("Undo")
         close = QToolButton()
         close.setText("✕")
@@ -421,7 +206,7 @@ class LibraryPage(Page):
         filters.addWidget(self.search, 2)
         filters.addWidget(self.base_filter, 1)
 
-        self.table = QTableView()
+        self.table = LibraryTableView()
         self.table.setModel(self.proxy)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(COLUMN["created"], Qt.SortOrder.DescendingOrder)
@@ -434,7 +219,7 @@ class LibraryPage(Page):
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
+        header.setStretchLastSection(False)  # fit_columns gives spare width to the name instead
         self.empty = QLabel("The library is empty. Train an adapter on the Train page, or import one "
                             "(a PEFT adapter folder or a zip of one).")
         self.empty.setWordWrap(True)
@@ -527,6 +312,7 @@ class LibraryPage(Page):
 
         # -- the selected adapter -------------------------------------------------------------------
         self.title = QLabel()
+        self.title.setWordWrap(True)
         self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.facts = QLabel()
         self.facts.setWordWrap(True)
@@ -598,10 +384,7 @@ class LibraryPage(Page):
         self._fill_base_filter(entries)
         self.empty.setVisible(not entries)
         self.table.setVisible(bool(entries))
-        self.table.resizeColumnsToContents()
-        for key, cap in (("name", 220), ("base_model", 170), ("targets", 150)):
-            col = COLUMN[key]
-            self.table.setColumnWidth(col, min(self.table.columnWidth(col), cap))
+        fit_columns(self.table)
         self.select_ids(keep)
         self._refresh_model_side()
         self._start_checks()
@@ -1229,7 +1012,10 @@ class LibraryPage(Page):
 
 
 def _html(text: Any) -> str:
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+    """Escaped for rich text, with a zero-width space after each path separator and underscore so a
+    long path or name wraps in the details instead of widening the window."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("/", "/\u200b").replace("\\", "\\\u200b").replace("_", "_\u200b")
 
 
 def _model_name(loaded) -> str:

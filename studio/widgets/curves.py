@@ -57,6 +57,7 @@ class CurvesPlot(QWidget):
         self.legend = self.plot.addLegend(offset=(-10, 10), labelTextColor=palette_colors()["foreground"])
         self.empty = QLabel("", alignment=Qt.AlignmentFlag.AlignCenter)
         self.empty.setStyleSheet("color: palette(placeholder-text);")
+        self.empty.setWordWrap(True)  # a long message wraps; unwrapped it widened the whole window
         self.empty.hide()
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
