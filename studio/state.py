@@ -69,6 +69,8 @@ class StudioState(QObject):
       loaded_changed(obj)       core.models.LoadedModel, or None when unloaded
       library_changed()         an adapter was added, removed or renamed
       training_changed(bool)    a training run started (True) or ended (False)
+      data_summary_changed(obj) the Data page tokenised the dataset (its summary: ``path``,
+                                ``max_length``, ``stats`` with the lengths after truncation), or None
       message(str)              a short status line for the status bar
       error(str)                one clear message shown in the window's message bar
     """
@@ -81,6 +83,7 @@ class StudioState(QObject):
     loaded_changed = Signal(object)
     library_changed = Signal()
     training_changed = Signal(bool)
+    data_summary_changed = Signal(object)
     message = Signal(str)
     error = Signal(str)
 
@@ -92,6 +95,7 @@ class StudioState(QObject):
         self.tokenizer = None
         self.loaded = None
         self.training = False
+        self.data_summary: dict | None = None
         self._info_worker: workers.Worker | None = None
         self._tok_worker: workers.Worker | None = None
 
@@ -189,6 +193,11 @@ class StudioState(QObject):
 
     def say(self, text: str) -> None:
         self.message.emit(text)
+
+    def set_data_summary(self, summary: dict | None) -> None:
+        """What the Data page learnt by tokenising the dataset (None: nothing, or out of date)."""
+        self.data_summary = summary
+        self.data_summary_changed.emit(summary)
 
     def set_training(self, on: bool) -> None:
         self.training = on

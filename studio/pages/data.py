@@ -128,7 +128,7 @@ def _prepare(cfg, tokenizer, seed, source, *, progress, cancelled):
             "train": prepared.stats.get("train_examples", len(prepared.train)),
             "val": len(prepared.val), "format": prepared.format,
             "trained_tokens": prepared.stats.get("trained_tokens"), "tokens": prepared.stats.get("tokens"),
-            "skipped": prepared.stats.get("skipped", 0), "max_length": cfg.max_length}
+            "skipped": prepared.stats.get("skipped", 0), "max_length": cfg.max_length, "path": str(cfg.path)}
 
 
 class DataPage(Page):
@@ -381,6 +381,7 @@ class DataPage(Page):
         self._show_fields("", [], {})
         self.inspected = None
         self.prepared = None
+        self.state.set_data_summary(None)
         self.table_model.set_rows([], [])
         self.detected.setText("–")
         self.count_label.setText("–")
@@ -477,6 +478,7 @@ class DataPage(Page):
 
     def _on_prepared(self, r: dict) -> None:
         self.prepared = r
+        self.state.set_data_summary(r)  # the memory estimate uses the real lengths
         st = r["stats"]
         total = r["train"] + r["val"]
         self.count_label.setText(f"{total:,} ({r['train']:,} train, {r['val']:,} validation)"
@@ -502,6 +504,7 @@ class DataPage(Page):
 
     def _on_prepare_failed(self, message: str) -> None:
         self.prepared = None
+        self.state.set_data_summary(None)
         self.problems.clear()
         self.problems.addItem(message)
         self.state.show_error(message)

@@ -230,6 +230,7 @@ class ModelPage(Page):
         state.model_info_failed.connect(self._on_info_failed)
         state.model_progress.connect(self._on_model_progress)
         state.config_changed.connect(self._on_config)
+        state.data_summary_changed.connect(lambda *_: self.state.model_info and self._estimate_timer.start())
         state.loaded_changed.connect(self._on_loaded)
         self._sync_from_config()
         self._listed = False
@@ -398,8 +399,11 @@ class ModelPage(Page):
                 return
 
     def _estimate_args(self) -> dict:
+        from core.estimate import sequence_length
+
         c = self.state.config
-        return dict(batch_size=c.train.batch_size, seq_len=c.data.max_length, rank=c.lora.rank,
+        seq_len, _ = sequence_length(c.data, self.state.data_summary)  # the lengths it will train on
+        return dict(batch_size=c.train.batch_size, seq_len=seq_len, rank=c.lora.rank,
                     targets=c.lora.targets, precision=c.model.precision, quantize=c.model.quantize,
                     gradient_checkpointing=c.model.gradient_checkpointing)
 
@@ -427,10 +431,13 @@ class ModelPage(Page):
         self.memory = mem
         for key, lab in self.memory_labels.items():
             lab.setText(format_bytes(mem.get(key)))
+        from core.estimate import sequence_length
+
         c = self.state.config
         held = mem.get("quantize", "none")
+        seq_len, basis = sequence_length(c.data, self.state.data_summary)
         self.memory_note.setText(
-            f"batch {c.train.batch_size} × {c.data.max_length} tokens, r = {c.lora.rank}, "
+            f"batch {c.train.batch_size} × {seq_len} tokens ({basis}), r = {c.lora.rank}, "
             f"{mem.get('precision', '')}{'' if held == 'none' else ', linear layers ' + held}"
             f"{', checkpointing' if c.model.gradient_checkpointing else ''}. "
             "Peak of one step beyond the program itself.")
