@@ -1,5 +1,5 @@
-"""The live loss plot: training loss raw (faint) and smoothed, validation loss as points, the
-learning rate on a second axis.
+"""The live loss plot: training loss raw (faint) and smoothed, validation loss as points; below it,
+small and secondary, the learning rate on its own 0-based axis. Both count whole steps.
 
 Shaped like pyqtgraph's ``examples/scrollingPlots.py``: the curves are created once; each event
 only appends to growing numpy buffers (:meth:`LossPlot.add_step`, cheap enough for hundreds of
@@ -42,10 +42,32 @@ class _Buffer:
         self.n = 0
 
 
+class StepAxis(pg.AxisItem):
+    """A step axis: ticks on whole steps only (a step 1.5 means nothing)."""
+
+    def tickSpacing(self, minVal, maxVal, size):  # noqa: N802 - pyqtgraph's name
+        levels = [(float(max(1, round(sp))), off) for sp, off in super().tickSpacing(minVal, maxVal, size)
+                  if sp >= 1]
+        return levels or [(1.0, 0.0)]
+
+    def tickStrings(self, values, scale, spacing):  # noqa: N802
+        return [str(int(round(v))) for v in values]
+
+
+def format_rate(v: float) -> str:
+    """A learning rate as people write it: 0, 2e-4, 1.5e-4."""
+    return "0" if abs(v) < 1e-12 else np.format_float_scientific(v, precision=2, trim="-", exp_digits=1)
+
+
+MIN_STEPS_SHOWN = 5
+"""The step axis shows at least 0..5, so the first points sit in a sensible view, not at its edges."""
+
+
 class LossPlot(QWidget):
-    """Training loss (raw and EMA-smoothed), eval loss points, learning rate on the right axis."""
+    """Training loss (raw and EMA-smoothed) and eval loss points above; the learning rate below."""
 
     REDRAW_MS = 100
+    LR_HEIGHT = 96
 
     def __init__(self, parent: QWidget | None = None, *, smoothing: float = 0.8):
         super().__init__(parent)
@@ -57,17 +79,19 @@ class LossPlot(QWidget):
         self._dirty = False
         self.redraws = 0
         self.steps_received = 0
+        self.peak_lr: float | None = None
 
         c = palette_colors()
-        self.plot = pg.PlotWidget()
+        self.plot = pg.PlotWidget(axisItems={"bottom": StepAxis("bottom")})
         style_plot(self.plot)
         pi = self.plot.getPlotItem()
-        pi.setLabel("bottom", "step")
         pi.setLabel("left", "loss")
+        pi.getAxis("bottom").setStyle(showValues=False)  # the steps are read off the plot below
         legend_bg = QColor(c["background"])
         legend_bg.setAlpha(200)
         pi.addLegend(offset=(-10, 10), labelTextColor=c["foreground"], brush=legend_bg)
         pi.setMenuEnabled(False)
+        pi.vb.setLimits(xMin=0, minXRange=MIN_STEPS_SHOWN)
         main = c["series"][0]
         faint = QColor(main)
         faint.setAlpha(110)
@@ -79,33 +103,62 @@ class LossPlot(QWidget):
             curve.setDownsampling(auto=True, method="peak")
             curve.setClipToView(True)
 
-        # The learning rate lives in its own ViewBox on the right axis, x linked to the main one.
-        self.lr_view = pg.ViewBox()
-        pi.showAxis("right")
-        pi.scene().addItem(self.lr_view)
-        pi.getAxis("right").linkToView(self.lr_view)
-        pi.getAxis("right").setLabel("learning rate")
-        self.lr_view.setXLink(pi)
+        # The learning rate: a small plot of its own below, x linked, y from 0 to the peak.
+        self.lr_plot = pg.PlotWidget(axisItems={"bottom": StepAxis("bottom")})
+        style_plot(self.lr_plot)
+        li = self.lr_plot.getPlotItem()
+        li.setLabel("bottom", "step")
+        li.setLabel("left", "lr")
+        li.setMenuEnabled(False)
+        li.getAxis("left").enableAutoSIPrefix(False)
+        li.getAxis("left").setStyle(hideOverlappingLabels=False)
+        li.addLegend(offset=(-10, 2), labelTextColor=c["foreground"], brush=legend_bg)
+        li.vb.setMouseEnabled(y=False)
+        li.setXLink(pi)
+        self.lr_plot.setFixedHeight(self.LR_HEIGHT)
         lr_color = QColor(c["series"][2])
-        lr_color.setAlpha(170)
-        self.lr_curve = pg.PlotDataItem(pen=pg.mkPen(lr_color, width=1.2, style=pg.QtCore.Qt.PenStyle.DashLine))
-        self.lr_view.addItem(self.lr_curve)
-        pi.legend.addItem(self.lr_curve, "learning rate")
-        pi.vb.sigResized.connect(self._sync_views)
-        self._sync_views()
+        lr_color.setAlpha(200)
+        self.lr_curve = li.plot(pen=pg.mkPen(lr_color, width=1.2), name="learning rate")
+        # the two plots' left axes as wide as each other, so their steps line up
+        for ax in (pi.getAxis("left"), li.getAxis("left")):
+            ax.setWidth(64)
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.plot)
+        lay.setSpacing(0)
+        lay.addWidget(self.plot, 1)
+        lay.addWidget(self.lr_plot)
+        self._set_lr_range()
 
         self.timer = QTimer(self)
         self.timer.setInterval(self.REDRAW_MS)
         self.timer.timeout.connect(self.redraw)
         self.timer.start()
 
-    def _sync_views(self) -> None:
-        self.lr_view.setGeometry(self.plot.getPlotItem().vb.sceneBoundingRect())
-        self.lr_view.linkedViewChanged(self.plot.getPlotItem().vb, self.lr_view.XAxis)
+    def set_peak_lr(self, lr: float | None) -> None:
+        """The run's peak learning rate: the rate axis goes from 0 to it from the first step on."""
+        self.peak_lr = lr if lr and lr > 0 else None
+        self._set_lr_range()
+
+    def _set_lr_range(self) -> None:
+        lrs = self.lrs.view()
+        seen = float(np.nanmax(lrs)) if len(lrs) and np.isfinite(lrs).any() else 0.0
+        top = max(self.peak_lr or 0.0, seen) or 1e-3
+        li = self.lr_plot.getPlotItem()
+        li.vb.setYRange(-0.2 * top, top * 1.3, padding=0)  # 0 above the bottom edge, so its tick shows
+        li.getAxis("left").setTicks([[(0.0, "0"), (top, format_rate(top))], []])  # 0 and the peak: enough
+
+    def _frame_first_point(self) -> None:
+        """One point: a line needs two, so it is drawn as a dot, in a view of ±20 % around it."""
+        one = self.steps.n == 1
+        for curve in (self.smooth_curve, self.lr_curve):
+            curve.setSymbol("o" if one else None)
+            curve.setSymbolSize(6)
+        if one:
+            v = float(self.losses.view()[0])
+            self.plot.getPlotItem().vb.setYRange(0.8 * v, 1.2 * v if v > 0 else 1.0)
+        elif self.steps.n > 1:
+            self.plot.getPlotItem().vb.enableAutoRange(y=True)
 
     # -- data in ----------------------------------------------------------------------------------
     def add_step(self, step: int, loss: float | None, lr: float | None = None) -> None:
@@ -162,7 +215,8 @@ class LossPlot(QWidget):
             self.lr_curve.setData(x, lrs)
         else:
             self.lr_curve.setData([], [])
-        self._sync_views()
+        self._set_lr_range()
+        self._frame_first_point()
 
     def last_smoothed(self) -> float | None:
         return float(self.smooth.view()[-1]) if self.smooth.n else None
