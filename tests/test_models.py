@@ -155,8 +155,8 @@ def test_resolve_errors_name_the_model(tmp_path, make, match):
     assert f"--model {spec}" in str(e.value)
 
 
-def test_repo_id_not_in_cache_says_it_never_downloads(hf_cache):
-    with pytest.raises(StudioError, match="never downloads") as e:
+def test_repo_id_not_in_cache_says_how_to_download_it(hf_cache):
+    with pytest.raises(StudioError, match="lora-studio models download acme/absent") as e:
         models.resolve("acme/absent")
     assert "--model acme/absent" in str(e.value)
 
