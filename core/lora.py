@@ -71,6 +71,14 @@ def _base_out(x2, w, bias, transposed):
     return F.linear(x2, w, bias)
 
 
+def _unviewed(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` (a tensor made inside a forward) reshaped to ``shape`` without becoming a view: autograd
+    forbids in-place changes to a view a custom Function returns, and models do change a projection's
+    output in place (Falcon's ``mlp_output += attention_output``). ``_unsafe_view`` is how torch's own
+    ops return a reshaped result that owns its storage; a copy would cost a pass over the output."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 class _LoRAFunction(torch.autograd.Function):
     """base(x) + s·(x·Aᵀ)·Bᵀ with a hand-written backward.
 
@@ -102,7 +110,7 @@ class _LoRAFunction(torch.autograd.Function):
         ctx.transposed = transposed
         ctx.shape = shape
         ctx.master = lora_a.dtype
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return _unviewed(out, (*shape[:-1], out.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -158,7 +166,7 @@ class _LoRAAddFunction(torch.autograd.Function):
             out = base_out
         else:
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), xa_t.t(), b.t(), alpha=scaling)
-            out = out.reshape(base_out.shape)
+            out = _unviewed(out, base_out.shape)
         ctx.save_for_backward(x2, a, b, xa_t)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.master = scaling, x.shape, x.dtype, lora_a.dtype
         return out
@@ -222,7 +230,7 @@ class _GroupFunction(torch.autograd.Function):
         for (transposed, s, _), w, bias, b, xa in zip(spec, ws, biases, b_list, rows):
             out = _base_out(x2, w, bias, transposed)
             out.addmm_(xa.t(), b.t(), alpha=s)
-            outs.append(out.reshape(*shape[:-1], out.shape[-1]))
+            outs.append(_unviewed(out, (*shape[:-1], out.shape[-1])))
         ctx.save_for_backward(x2, a_cat, xa_t, *ws, *b_list)
         ctx.spec, ctx.shape, ctx.master = spec, shape, a_list[0].dtype
         return tuple(outs)

@@ -151,3 +151,124 @@ def test_a_template_that_refuses_a_conversation_names_why():
     with pytest.raises(data.RowProblem, match="System role not supported"):
         data.encode({"messages": [{"role": "system", "content": "Be brief."}] + CONVERSATION[:2]}, tok, "chat",
                     {"messages": "messages"}, max_length=512)
+
+
+# -- the model matrix -----------------------------------------------------------------------------
+
+ATTN = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o"}
+SWIGLU = {"mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+LLAMA_LIKE = {**ATTN, **SWIGLU}
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+# family: (config class, model class, config settings beside SIZES that make it that family,
+#          each adaptable module of a block (its name inside the block) -> the role it plays)
+MODELS = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, tie_word_embeddings=False), LLAMA_LIKE),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=32), LLAMA_LIKE),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), LLAMA_LIKE),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True), LLAMA_LIKE),  # q/k norms
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, attn_logit_softcapping=50.0,
+                                                         final_logit_softcapping=30.0, sliding_window=16,
+                                                         query_pre_attn_scalar=16), LLAMA_LIKE),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=16,
+                                                             query_pre_attn_scalar=16), LLAMA_LIKE),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(), {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
+                                                       "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(), LLAMA_LIKE),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                            attention_multiplier=0.015625, logits_scaling=8.0),
+                LLAMA_LIKE),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2), LLAMA_LIKE),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+             {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down"}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25, use_parallel_residual=True),
+                 {"attention.query_key_value": "qkv", "attention.dense": "o", "mlp.dense_h_to_4h": "up",
+                  "mlp.dense_4h_to_h": "down"}),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5),
+            {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.dense": "o",
+             "mlp.fc1": "up", "mlp.fc2": "down"}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2,
+                                                         ffn_hidden_size=128),
+               {"self_attention.query_key_value": "qkv", "self_attention.dense": "o", "mlp.dense_h_to_4h": "up",
+                "mlp.dense_4h_to_h": "down"}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(), {**ATTN, "mlp.c_fc": "up", "mlp.c_proj": "down"}),
+}
+NOT_SIZED = {"gpt2"}  # GPT-2's config names its sizes differently
+PRESET_ROLES = {"attention-qv": {"q", "v", "qkv"}, "attention": {"q", "k", "v", "qkv", "o"},
+                "mlp": {"gate", "up", "gate_up", "down"}}
+
+
+def build(family: str, seed: int = 0):
+    config_cls, model_cls, settings, _ = MODELS[family]
+    sizes = {} if family in NOT_SIZED else dict(SIZES)
+    if family == "gpt_neox" or family == "falcon":
+        sizes.pop("num_key_value_heads")
+    cfg = getattr(hf, config_cls)(vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                  **sizes, **settings)
+    torch.manual_seed(seed)
+    return getattr(hf, model_cls)(cfg).eval()
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_roles_are_read_and_presets_select_what_they_say(family):
+    model = build(family)
+    roles = MODELS[family][3]
+    found = targets.list_targets(model)
+    blocks = sorted({t.block for t in found if t.block})
+    assert len(blocks) == 2
+    for block in blocks:
+        inside = {t.name[len(block) + 1:]: t.role for t in found if t.block == block}
+        assert inside == roles, f"{block}: {inside}"
+    heads = [t for t in found if t.is_head]
+    assert len(heads) == 1 and heads[0].role == "head"
+    for preset, wanted in PRESET_ROLES.items():
+        chosen = targets.resolve_targets(model, preset)
+        assert sorted(chosen) == sorted(f"{b}.{n}" for b in blocks for n, r in roles.items() if r in wanted), preset
+    assert sorted(targets.resolve_targets(model, "all-linear")) == sorted(f"{b}.{n}" for b in blocks for n in roles)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("family-data") / "data.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "output": f"It is {2 * i + 1}."}) + "\n"
+                            for i in range(8)))
+    return path
+
+
+def _peft(base, folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_three_steps_then_peft_and_the_merged_export_agree(family, rows, tmp_path):
+    from core import export
+
+    ckpt = tmp_path / "base"
+    model = build(family)
+    model.save_pretrained(ckpt, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(ckpt)
+    cfg = RunConfig()
+    cfg.model.source, cfg.model.device, cfg.model.precision = str(ckpt), "cpu", "fp32"
+    cfg.data.path, cfg.data.max_length = str(rows), 48
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets = 4, 8, "all-linear"
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.save_every = 3, 4, 5e-2, 0
+    cfg.out = str(tmp_path / "run")
+    result = Trainer(cfg).run()
+    assert result.steps == 3 if hasattr(result, "steps") else True
+    folder = tmp_path / "run" / "adapter"
+
+    base = hf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = copy.deepcopy(base)
+    adapter.load_adapter(ours, folder)
+    want = logits(_peft(base, folder))  # the oracle: PEFT running our adapter unmerged
+    got = logits(ours)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - logits(base)).abs().max() > 1e-4, "three steps at lr 5e-2 change the logits"
+
+    export.export_merged(str(ckpt), [folder], out=tmp_path / "merged")
+    plain = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # transformers alone
+    assert not any("lora" in k for k in plain.state_dict())
+    torch.testing.assert_close(logits(plain), want, atol=1e-5, rtol=0)
