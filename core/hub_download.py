@@ -267,13 +267,19 @@ def fetch(remote, *, progress=None, should_stop=None) -> Path:
     from core.hub import endpoint, repo_folder, token
     from core.models import hf_cache_dir
 
+    from huggingface_hub.utils import WeakFileLock
+
     ctx = {"cache": str(hf_cache_dir()), "endpoint": endpoint(), "token": token()}
     meter = _Meter(remote.download_bytes, len(remote.files), progress, should_stop)
-    with _small_chunks_quietly():
+    repo = repo_folder(remote.repo_id)
+    lock = repo.parent / ".locks" / repo.name / "lora-studio-download.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # one download of a repo at a time (the window and a command, or torchrun's processes): the second
+    # waits, then finds the files there and only links them
+    with WeakFileLock(lock), _small_chunks_quietly():
         for name in remote.files:
             meter.check()
             _fetch_one(remote, name, meter, ctx)
-    repo = repo_folder(remote.repo_id)
     if remote.revision != remote.commit:
         atomic.write_text(repo / "refs" / remote.revision, remote.commit)
     meter.report(force=True)

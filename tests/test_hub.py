@@ -220,3 +220,37 @@ def test_cancel_from_another_thread(server, tiny_files):
     with pytest.raises(Cancelled):
         hub.download("acme/tiny", should_stop=stop.is_set)
     assert time.monotonic() - began < 2.0
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_models_download_command_checks_fit_first_then_downloads(server, tiny_files, capsys):
+    from studio import cli
+
+    server.add(HubRepo("acme/tiny", tiny_files))
+    assert cli.run(["models", "download", "acme/tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert "downloaded acme/tiny" in out and "--model acme/tiny" in out
+    assert "LlamaForCausalLM" in err and "a training step needs about" in err and "free" in err
+    assert hub.local_snapshot("acme/tiny") is not None
+    server.add(HubRepo("acme/gated", tiny_files, gated=True))
+    assert cli.run(["models", "download", "acme/gated"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model acme/gated: acme/gated is a gated model") and err.count("\n") == 1
+
+
+def test_model_option_downloads_a_repo_id_that_is_not_cached(server, tiny_files, capsys, monkeypatch):
+    from studio import cli
+
+    server.add(HubRepo("acme/tiny", tiny_files))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.run(["targets", "--model", "acme/tiny", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "offline" in err and err.count("\n") == 1
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert cli.run(["targets", "--model", "acme/tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    assert hub.local_snapshot("acme/tiny") is not None
+    gets = len([r for r in server.log if r.method == "GET"])
+    assert cli.run(["targets", "--model", "acme/tiny", "--json"]) == 0  # cached now: no request at all
+    assert len([r for r in server.log if r.method == "GET"]) == gets

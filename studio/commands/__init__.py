@@ -37,3 +37,19 @@ def add_quantize_option(parser, *, default: str | None = None, prefix: str = "")
 
     shown = f" (default: {default})" if default else " (default: none)"
     parser.add_argument("--quantize", choices=QUANTIZE, default=default, help=prefix + QUANTIZE_HELP + shown)
+
+
+def fetch_model(spec: str | None, revision: str | None = None) -> str | None:
+    """What every command does with its ``--model`` first: a Hub repo id (``org/name``) that is not
+    completely in the local Hugging Face cache is downloaded, with a progress bar on stderr (offline:
+    one line saying so). Anything else (``default``, a folder, a file, a cached id) passes unchanged."""
+    if not spec:
+        return spec
+    from core import hub
+
+    if hub.is_repo_id(spec) and hub.local_snapshot(spec, revision) is None:
+        from studio.commands.models import download_with_bar
+
+        hub.refuse_offline(f"--model {spec}")
+        download_with_bar(spec, revision)
+    return spec

@@ -7,6 +7,7 @@ import json
 import sys
 
 from core.config import FORMATS
+from studio.commands import fetch_model
 
 
 def register(sub) -> None:
@@ -30,6 +31,9 @@ def register(sub) -> None:
                    help="the dataset's format (default: auto, detected from the columns)")
     d.add_argument("--fields", default="", metavar="FIELD=COLUMN,...",
                    help="map the format's fields to the file's columns, e.g. instruction=question,output=answer")
+    d.add_argument("--chat-template", default="auto", metavar="auto|plain|chatml|FILE.jinja",
+                   help="how conversations are rendered: the model's own template (auto; plain text when it has "
+                        "none), plain ### Instruction/### Response, ChatML, or a template file (default: auto)")
     d.add_argument("--max-length", type=int, default=512, metavar="N",
                    help="cut examples at N tokens and count them (default: 512)")
     d.add_argument("--train-on-prompt", action="store_true",
@@ -80,18 +84,19 @@ def _histogram_lines(hist: dict, width: int = 40, rows: int = 8) -> list[str]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from core import data
+    from core import chat, data
     from core.config import DataConfig, RunConfig
     from core.errors import ConfigError
 
     cfg = DataConfig(path=args.file, format=args.format, fields=data.parse_fields(args.fields),
                      max_length=args.max_length, packing=args.packing, train_on_prompt=args.train_on_prompt,
-                     val_split=args.val_split)
-    problems = [p for p in RunConfig(data=cfg).problems() if p.startswith(("--max-length", "--val-split"))]
+                     val_split=args.val_split, chat_template=args.chat_template)
+    problems = [p for p in RunConfig(data=cfg).problems()
+                if p.startswith(("--max-length", "--val-split", "--chat-template"))]
     if problems:
         raise ConfigError(problems)
     source = data.read(cfg.path, format=cfg.format, fields=cfg.fields)
-    tok = _tokenizer(args.model)
+    tok = _tokenizer(fetch_model(args.model))
     update, close = _progress(not args.json and sys.stderr.isatty())
     try:
         prepared = data.prepare(cfg, tok, seed=args.seed, progress=update, source=source)
@@ -104,6 +109,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             "path": str(source.path), "format": prepared.format, "fields": prepared.fields,
             "columns": source.columns, "rows": source.rows, "notes": source.notes, "model": args.model,
             "chat_template": bool(getattr(tok, "chat_template", None)),
+            "rendering": chat.describe(tok, args.chat_template),
             "stats": st, "truncated": prepared.truncated, "problems": prepared.problems,
             "first_example": None if ex is None else {
                 "tokens": len(ex), "trained_tokens": ex.trained_tokens, "truncated": ex.truncated,
@@ -120,8 +126,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(f"{source.path}: {source.rows} rows, format {prepared.format} ({fields})")
     for note in source.notes:
         print(f"  read as: {note}")
-    templ = "its chat template" if getattr(tok, "chat_template", None) else "the plain ### Instruction/### Response template"
-    print(f"tokenizer of '{args.model}', rendered with {templ}")
+    print(f"tokenizer of '{args.model}': {chat.describe(tok, args.chat_template)}")
     print(f"examples: {st['examples']} ({st['train_examples']} train, {st['val_examples']} validation"
           + (f", {st['skipped']} skipped" if st["skipped"] else "") + ")"
           + (f"; packed into {st['train_sequences']} training sequences" if st["packed"] else ""))

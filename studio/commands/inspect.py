@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
+from studio.commands import fetch_model
 
 
 def register(sub) -> None:
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--model", metavar="M",
                    help="the base model, to check that the adapter fits it and to compute the amplification "
                         "factor: 'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
-                        "folder, a .gguf file, or a repo id in the local Hugging Face cache")
+                        "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached)")
     p.add_argument("--compare", metavar="OTHER",
                    help="a second adapter (folder or library name): print the normalised subspace similarity "
                         "φ(i, j) = ‖U_iᵀ·U_j‖² / min(i, j) of the two adapters' top input directions (right "
@@ -211,7 +212,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from core import adapter as adapter_io
 
     adapter_io.read_adapter(folder)  # a broken adapter is reported before a model is loaded for it
-    model = _load_model(args.model) if args.model else None
+    model = _load_model(fetch_model(args.model)) if args.model else None
     compare = _folder(args.compare) if args.compare else None
     info = describe(folder, model, energy=args.energy, compare=compare)
     for w in info["warnings"]:

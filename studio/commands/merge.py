@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
+from studio.commands import fetch_model
 
 COMBINE_MODES = ("exact", "svd", "ties", "dare_linear", "dare_ties")
 """What ``--combine`` offers; kept here (not read from core.combine) so that building the parser
@@ -25,7 +26,7 @@ def register(sub) -> None:
                     "tolerance nothing is written and the figures are printed.")
     m.add_argument("--model", default="default", metavar="M",
                    help="base model: 'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
-                        "folder, a .gguf file, or a repo id in the local Hugging Face cache (default: default)")
+                        "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached) (default: default)")
     m.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="an adapter folder (ours or PEFT's), or the name or id of an adapter in the library; "
                         "repeat to merge several")
@@ -86,6 +87,7 @@ def cmd_merge(args) -> int:
 
     from core.export import export_merged
 
+    fetch_model(args.model)
     folders = [adapter_folder(a) for a in args.adapter]
     weights = _parse_weights(args.weights, len(folders))
     if args.rank is not None and args.combine == "exact":

@@ -4,6 +4,10 @@
     lora-studio models show M [--json]   one model's summary (architecture, parameters, context, ...)
     lora-studio models add PATH          remember a checkpoint folder or .gguf file
     lora-studio models remove PATH       forget it (its files stay; a GGUF's converted cache goes)
+    lora-studio models download ID [--revision R]
+                                         fetch a model from the Hugging Face Hub into its cache: the
+                                         summary and the fit check first (config.json alone), then the
+                                         safetensors weights with a progress bar; run again to resume
 
 All of it reads configurations and file headers only; no weights are loaded. The memory a training
 run needs is printed by ``lora-studio targets`` (which knows the selection and rank).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from core.errors import StudioError
 
@@ -48,6 +53,19 @@ def register(sub) -> None:
                                             "is deleted.")
     remove.add_argument("path", metavar="PATH")
     remove.set_defaults(func=cmd_remove)
+    dl = actions.add_parser(
+        "download", help="download a model from the Hugging Face Hub",
+        description="Fetch a model from the Hugging Face Hub into the standard Hugging Face cache (where "
+                    "transformers and 'hf' find it too). First config.json alone: the summary, the memory a "
+                    "training step needs (batch 4, 512 tokens, rank 8, all-linear; and with a 4-bit base) "
+                    "against this machine's, and the disk the download needs against what is free. Then "
+                    "the safetensors weights, tokenizer and config with a progress bar; a repo with only "
+                    "pickle weights (*.bin, *.pt) is refused. Ctrl-C keeps what arrived: the same command "
+                    "continues from there. Honours HF_ENDPOINT, HF_TOKEN (or 'hf auth login') and "
+                    "HF_HUB_OFFLINE.")
+    dl.add_argument("repo_id", metavar="ID", help="the repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    dl.add_argument("--revision", metavar="R", help="a branch, tag or commit (default: main)")
+    dl.set_defaults(func=cmd_download)
 
 
 def _size(n: int) -> str:
@@ -125,4 +143,56 @@ def cmd_remove(args: argparse.Namespace) -> int:
         raise StudioError(f"{args.path}: not in the list of models you added",
                           hint="'lora-studio models' shows them")
     print(f"removed {args.path}")
+    return 0
+
+
+def download_with_bar(repo_id: str, revision: str | None = None):
+    """Download with a tqdm bar on stderr (bytes, speed, time left); returns the snapshot folder."""
+    from tqdm import tqdm
+
+    from core import hub
+
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, initial=p.done, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=repo_id, file=sys.stderr, disable=None, dynamic_ncols=True)
+        bar.set_postfix_str(p.file, refresh=False)
+        bar.update(p.done - bar.n)
+
+    try:
+        return hub.download(repo_id, revision, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _fit_lines(report: dict) -> list[str]:
+    s, gib = report["summary"], 2**30
+    lines = [f"{s['architecture']}, {s['parameters'] / 1e9:.2f} B parameters, {s['layers']} layers, "
+             f"context {s['context_length']}"]
+    mem = f"a training step needs about {report['memory'] / gib:.1f} GiB"
+    if report["memory_nf4"]:
+        mem += f" ({report['memory_nf4'] / gib:.1f} GiB with --quantize nf4)"
+    if report["capacity"]:
+        mem += f"; {report['capacity_name']}: {report['capacity'] / gib:.1f} GiB"
+    lines.append(mem + " (batch 4, 512 tokens, rank 8, all-linear)")
+    lines.append(f"download {_size(report['download'])}, {_size(report['free_disk'])} free")
+    return lines
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from core import hub
+
+    remote = hub.remote_model(args.repo_id, args.revision)
+    report = hub.fit_report(remote, hub.fetch_config(remote),
+                            dict(batch_size=4, seq_len=512, rank=8, targets="all-linear", precision="auto"))
+    for line in _fit_lines(report):
+        print(f"{args.repo_id}: {line}", file=sys.stderr)
+    for problem in report["problems"]:
+        print(f"warning: {problem}", file=sys.stderr)
+    snap = download_with_bar(args.repo_id, args.revision)
+    print(f"downloaded {args.repo_id} ({remote.commit[:12]}) to {snap}; use it with --model {args.repo_id}")
     return 0

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from core.errors import StudioError
+from studio.commands import fetch_model
 
 
 def register(sub) -> None:
@@ -20,7 +21,7 @@ def register(sub) -> None:
                     "activations). Reads only the model's configuration.")
     t.add_argument("--model", default="default",
                    help="'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a .gguf "
-                        "file, or a repo id in the local Hugging Face cache (default: default)")
+                        "file, or a Hub repo id (org/name, downloaded when not cached) (default: default)")
     t.add_argument("--targets", default="all-linear",
                    help="a preset (attention-qv, attention, mlp, all-linear), comma-separated name "
                         "suffixes, or a regular expression (default: all-linear)")
@@ -48,7 +49,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         raise StudioError(f"--batch-size: must be at least 1 (got {args.batch_size})")
     if args.max_length < 1:
         raise StudioError(f"--max-length: must be at least 1 (got {args.max_length})")
-    model = models.meta_model(args.model)
+    model = models.meta_model(fetch_model(args.model))
     found = targets.list_targets(model)
     chosen = set(targets.resolve_targets(found, args.targets))
     b = targets.budget(model, chosen, args.rank)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
+from studio.commands import fetch_model
 
 # flag dest -> (section, field) of RunConfig
 _MAP = {
@@ -28,7 +29,7 @@ _MAP = {
     "dropout": ("lora", "dropout"), "rslora": ("lora", "rslora"),
     "data": ("data", "path"), "format": ("data", "format"), "max_length": ("data", "max_length"),
     "packing": ("data", "packing"), "train_on_prompt": ("data", "train_on_prompt"),
-    "val_split": ("data", "val_split"),
+    "val_split": ("data", "val_split"), "chat_template": ("data", "chat_template"),
     "steps": ("train", "steps"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
     "grad_accum": ("train", "grad_accum"), "lr": ("train", "lr"), "scheduler": ("train", "scheduler"),
     "warmup": ("train", "warmup"), "weight_decay": ("train", "weight_decay"),
@@ -54,7 +55,7 @@ def register(sub) -> None:
     B = argparse.BooleanOptionalAction
     g = t.add_argument_group("what to train")
     g.add_argument("--model", help="'default' (the bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
-                                   "folder, a .gguf file, or a repo id in the local Hugging Face cache "
+                                   "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached) "
                                    "(default: default)")
     g.add_argument("--data", metavar="FILE", help=".jsonl, .json, .csv, .parquet, .txt or a datasets save_to_disk "
                                                   "folder (default: the bundled sample dataset)")
@@ -80,6 +81,9 @@ def register(sub) -> None:
     g.add_argument("--train-on-prompt", action=B, default=None,
                    help="also compute the loss on prompt tokens (default: answers only)")
     g.add_argument("--val-split", type=float, help="fraction held out for validation (default: 0)")
+    g.add_argument("--chat-template", metavar="auto|plain|chatml|FILE.jinja",
+                   help="how conversations are rendered: the model's own template (auto; plain text when it has "
+                        "none), plain ### Instruction/### Response, ChatML, or a template file (default: auto)")
     g = t.add_argument_group("training")
     g.add_argument("--steps", type=int, help="optimizer steps (default: 100; or give --epochs)")
     g.add_argument("--epochs", type=float, help="passes over the training split, instead of --steps")
@@ -185,6 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if not cfg.out:
         raise StudioError("--out: choose a run folder (RUN_DIR)")
+    fetch_model(cfg.model.source)
     cfg.validate()
     from core.train import EvalEvent, StatusEvent, StepEvent, Trainer
 
