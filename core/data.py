@@ -524,7 +524,9 @@ def detect_format(columns: Sequence[str], first_row: Mapping[str, Any] | None = 
     raise StudioError(f"cannot tell the dataset's format from its columns ({', '.join(map(str, cols)) or 'none'}); "
                       f"expected {_formats_expected()}",
                       hint="name the format with --format and map columns with --fields, e.g. "
-                           "--fields instruction=question,output=answer")
+                           "--fields instruction=question,output=answer",
+                      window_hint="choose below which column is the prompt and which the answer (Fields), "
+                                  "or pick the format")
 
 
 def _match(fmt: str, cols: Sequence[str], given: Mapping[str, str]) -> dict[str, str]:
@@ -562,7 +564,7 @@ def resolve_fields(fmt: str, columns: Sequence[str], fields: Mapping[str, str] |
         try:
             detected = detect_format(cols, first_row)
         except StudioError as e:
-            raise StudioError(prefix + e.message, hint=e.hint) from None
+            raise StudioError(prefix + e.message, hint=e.hint, window_hint=e.window_hint) from None
         if not fields:
             return detected
         fmt = detected[0]  # then check the user's mapping against that format below
@@ -580,7 +582,8 @@ def resolve_fields(fmt: str, columns: Sequence[str], fields: Mapping[str, str] |
         raise StudioError(f"{prefix}the {fmt} format needs the field(s) {', '.join(missing)} ({tried}); "
                           f"columns found: {', '.join(map(str, cols)) or 'none'}. Formats expected: "
                           f"{_formats_expected()}",
-                          hint=f"map a column with --fields {missing[0]}=COLUMN")
+                          hint=f"map a column with --fields {missing[0]}=COLUMN",
+                          window_hint=f"choose the column that holds the {missing[0]} under Fields")
     return fmt, found
 
 

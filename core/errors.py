@@ -11,9 +11,12 @@ from __future__ import annotations
 class StudioError(Exception):
     """A problem caused by the user's input (a file, an option, a model), explained in one message."""
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, window_hint: str | None = None):
         self.message = message
         self.hint = hint
+        self.window_hint = window_hint
+        """The hint as the window says it, where the command line's names a flag to type (``--fields
+        output=COLUMN``) and the window has a control instead; studio.messages.for_window uses it."""
         super().__init__(message if not hint else f"{message} ({hint})")
 
     def __str__(self) -> str:  # one line, with the hint after the message

@@ -681,7 +681,7 @@ class Library:
         display = self._unique_name(str(wanted)) if name is None else clean_name(name)
         if name is not None and self._name_taken(display):
             raise StudioError(f"an adapter named '{display}' is already in the library",
-                              hint="choose another name with --name")
+                              hint="choose another name with --name", window_hint="choose another name")
         entry_id = self._unique_id(display)
         keep = {k: previous[k] for k in ("notes", "dataset", "training", "loss_curve", "eval_curve", "created",
                                          "base_fingerprint", "base_model") if previous.get(k)}

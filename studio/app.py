@@ -60,6 +60,11 @@ class MessageBar(QFrame):
         self.label.setText(text)
         self.show()
 
+    def retract(self, text: str) -> None:
+        """Hide the bar if it still shows ``text`` (its cause is gone); another message stays."""
+        if self.label.text() == text:
+            self.hide()
+
     def text(self) -> str:
         return self.label.text() if self.isVisible() else ""
 
@@ -127,6 +132,7 @@ class MainWindow(QMainWindow):
 
         self._make_actions()
         self.state.error.connect(self.message_bar.show_message)
+        self.state.error_retracted.connect(self.message_bar.retract)
         self.state.message.connect(self.show_status)
         self.state.config_changed.connect(self._update_model_label)
         self.state.loaded_changed.connect(self._update_model_label)

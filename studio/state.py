@@ -72,7 +72,10 @@ class StudioState(QObject):
       data_summary_changed(obj) the Data page tokenised the dataset (its summary: ``path``,
                                 ``max_length``, ``stats`` with the lengths after truncation), or None
       message(str)              a short status line for the status bar
-      error(str)                one clear message shown in the window's message bar
+      error(str)                one clear message shown in the window's message bar (core's
+                                messages phrased for the window: studio.messages.for_window)
+      error_retracted(str)      that message's cause is gone (the file was fixed, ...): the bar
+                                hides it if it still shows it
     """
 
     config_changed = Signal(str)
@@ -86,6 +89,7 @@ class StudioState(QObject):
     data_summary_changed = Signal(object)
     message = Signal(str)
     error = Signal(str)
+    error_retracted = Signal(str)
 
     def __init__(self, config: RunConfig | None = None, parent: QObject | None = None):
         super().__init__(parent)
@@ -144,7 +148,7 @@ class StudioState(QObject):
                 self._info_worker = None
                 self.model_error = msg
                 self.model_info_failed.emit(msg)
-                self.error.emit(msg)
+                self.show_error(msg)
 
         info.finished.connect(on_info)
         info.failed.connect(on_fail)
@@ -165,7 +169,7 @@ class StudioState(QObject):
         def on_fail(msg, w=tok):
             if w is self._tok_worker:
                 self._tok_worker = None
-                self.error.emit(msg)
+                self.show_error(msg)
 
         def on_progress(p, w=tok):
             if w is self._tok_worker:
@@ -189,7 +193,19 @@ class StudioState(QObject):
 
     # -- messages --------------------------------------------------------------------------------
     def show_error(self, text: str) -> None:
-        self.error.emit(text)
+        """Show one clear message in the window's bar; a command-line option it names is renamed
+        to the window's control (studio.messages)."""
+        from studio.messages import for_window
+
+        self.error.emit(for_window(text))
+
+    def retract_error(self, text: str | None) -> None:
+        """The cause of the message ``text`` (as given to :meth:`show_error`) is gone: hide it if it
+        is still the one shown. A page calls this once its input is good again."""
+        if text:
+            from studio.messages import for_window
+
+            self.error_retracted.emit(for_window(text))
 
     def say(self, text: str) -> None:
         self.message.emit(text)

@@ -97,14 +97,17 @@ def _configure_log() -> None:
 def error_message(exc: BaseException) -> str:
     """One line a person can act on, for any exception a job may raise.
 
-    A :class:`core.errors.StudioError` is already written for people: its text is shown as is.
+    A :class:`core.errors.StudioError` is already written for people: its text is shown with its
+    window hint and the command-line options it names renamed to the window's controls.
     Out-of-memory errors get what to change. Anything else is a bug: its traceback goes to the log
     file, and the message says where.
     """
     from core.errors import StudioError
 
     if isinstance(exc, StudioError):
-        return str(exc)
+        from studio.messages import for_window
+
+        return for_window(exc)  # phrased for the window: its controls, not command-line flags
     text = str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return ("Out of memory: lower the batch size or the maximum length, turn on gradient "

@@ -172,7 +172,7 @@ def test_worker_errors_become_one_message(qtbot):
     w = FunctionWorker(user_error)
     with qtbot.waitSignal(w.failed, timeout=LONG) as b:
         start(w)
-    assert b.args[0] == "data.jsonl: line 3: not valid JSON. fix the line"
+    assert b.args[0] == "data.jsonl: line 3: not valid JSON. Fix the line"
 
     w = FunctionWorker(bug)
     with qtbot.waitSignal(w.failed, timeout=LONG) as b:
@@ -336,6 +336,89 @@ def test_field_mapping_override(window, qtbot, tmp_path):
     _wait_until(qtbot, lambda: page.inspected is not None and page.inspected["fields"].get("prompt") == "q")
     assert window.state.config.data.fields == {"prompt": "q", "completion": "a"}
     _wait_until(qtbot, lambda: "answer 0" in page.example.trained_text())
+
+
+def test_data_page_state_follows_the_current_file(window, qtbot, tmp_path):
+    """A failed file clears what the previous file showed; once it is fixed, the red bar goes."""
+    page = window.page("data")
+    window.show_page("data")
+    page.set_path(str(small_dataset(tmp_path)))
+    _wait_until(qtbot, lambda: page.example_info.text().startswith("First example:"))
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', encoding="utf-8")
+    page.set_path(str(bad))
+    _wait_until(qtbot, lambda: "broken.jsonl" in window.message_bar.text())
+    assert page.example_info.text() == "" and page.table_model.rowCount() == 0
+    assert page.count_label.text() == "–"
+    write_jsonl(bad, [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(5)])  # fixed
+    page.inspect()
+    _wait_until(qtbot, lambda: page.inspected is not None and page.prepared is not None)
+    assert not window.message_bar.isVisible()
+    assert page.example_info.text().startswith("First example:") and page.count_label.text().startswith("5")
+    # another page's message is not taken back by the Data page
+    window.state.show_error("something else went wrong")
+    page.inspect()
+    _wait_until(qtbot, lambda: page.inspected is not None and page._inspect_worker is None)
+    assert window.message_bar.text() == "something else went wrong"
+
+
+def test_csv_with_unknown_columns_offers_the_mapping_with_its_rows(window, qtbot, tmp_path):
+    """Detection fails: the rows stay visible, the page offers prompt / answer / system, the message
+    names the window's controls (no command-line flag), and mapping the columns fixes it."""
+    page = window.page("data")
+    window.show_page("data")
+    path = tmp_path / "orders.csv"
+    path.write_text("customer_said,barista_wrote,note\n" + "".join(
+        f"order {i},ok {i},n{i}\n" for i in range(7)), encoding="utf-8")
+    page.set_path(str(path))
+    _wait_until(qtbot, lambda: "orders.csv" in window.message_bar.text())
+    message = window.message_bar.text()
+    assert "--" not in message and "Fields" in message, message
+    assert page.table_model.rowCount() == 7 and page.table_model.columns == ["customer_said", "barista_wrote", "note"]
+    assert list(page._field_combos) == ["prompt", "completion", "system"]
+    labels = [page.fields_form.itemAt(i, page.fields_form.ItemRole.LabelRole).widget().text()
+              for i in range(page.fields_form.rowCount())]
+    assert labels == ["Prompt", "Answer", "System (optional)"]
+    assert "map the columns" in page.detected.text()
+    window.grab().save(str(tmp_path / "data-mapping.png"))
+    page._field_combos["prompt"].setCurrentText("customer_said")
+    _wait_until(qtbot, lambda: page._inspect_worker is None and "completion" in page._field_combos)
+    assert "--" not in window.message_bar.text()
+    page._field_combos["completion"].setCurrentText("barista_wrote")
+    _wait_until(qtbot, lambda: page.inspected is not None)
+    assert page.inspected["format"] == "prompt-completion"
+    assert window.state.config.data.fields == {"prompt": "customer_said", "completion": "barista_wrote"}
+    assert not window.message_bar.isVisible()
+    _wait_until(qtbot, lambda: "ok 0" in page.example.trained_text())
+
+
+def test_window_messages_never_name_a_command_line_flag():
+    """Every option core's messages name has a window name (or is a terminal command's flag), and
+    the command line's own wording is left as it was."""
+    import ast
+
+    from core.errors import StudioError
+    from studio.messages import OPTIONS, PASSTHROUGH, for_window, rephrase
+
+    flags = set()
+    for f in sorted((ROOT / "core").glob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+                flags |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", n.value))
+    assert flags, "the scan found no option at all"
+    assert not flags - set(OPTIONS) - PASSTHROUGH, f"options without a window name: {flags - set(OPTIONS) - PASSTHROUGH}"
+    for flag in set(OPTIONS):
+        assert "--" not in rephrase(f"{flag} 3: bad; use {flag} 4")
+    e = StudioError("the prompt-completion format needs completion", hint="map a column with --fields completion=COLUMN",
+                    window_hint="choose the column that holds the completion under Fields")
+    assert str(e).endswith("--fields completion=COLUMN")  # the command line keeps its flags
+    assert for_window(e) == "the prompt-completion format needs completion. Choose the column that holds the completion under Fields"
+    assert for_window("--targets: select at least one module to adapt") == \
+        "The layers to adapt (Layers page): select at least one module to adapt"
 
 
 # -- settings ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
 
 from core.config import FORMATS
 from studio import workers
+from studio.messages import rephrase
 from studio.pages import Page, setting
 from studio.widgets.example_view import ExampleView
 from studio.widgets.histogram import LengthHistogram
@@ -78,26 +79,29 @@ class ReadFailed(Exception):
         self.columns = columns
 
 
-def _columns(path: str) -> list[str]:
-    """The file's columns when its format cannot be worked out (to offer a field mapping)."""
+def _columns_and_rows(path: str) -> tuple[list[str], list[dict]]:
+    """The file's columns and first rows when its format cannot be worked out, so the page can show
+    them beside the field mapping that fixes it (([], []) when the file itself is unreadable)."""
     from core import data
 
     try:
         ds, _ = data._load(Path(path).expanduser(), None)  # the reading half of data.read
-        return list(ds.column_names)
+        return list(ds.column_names), ds.select(range(min(PREVIEW_ROWS, len(ds)))).to_list()
     except Exception:  # noqa: BLE001 - the file itself is unreadable: read's message says why
-        return []
+        return [], []
 
 
 def _inspect(path: str, fmt: str, fields: dict, tokenizer, max_length: int, train_on_prompt: bool):
     """Read the file, detect the format, and render the first example (fast: no full tokenising)."""
     from core import data
     from core.errors import StudioError
+    from studio.messages import for_window
 
     try:
         src = data.read(path, format=fmt, fields=fields or None)
     except StudioError as e:
-        return {"error": str(e), "columns": _columns(path)}
+        columns, rows = _columns_and_rows(path)
+        return {"error": for_window(e), "columns": columns, "rows": rows}
     n = min(PREVIEW_ROWS, src.rows)
     rows = src.dataset.select(range(n)).to_list()
     out = {"source": src, "columns": list(src.columns), "rows": rows, "format": src.format,
@@ -131,6 +135,16 @@ def _prepare(cfg, tokenizer, seed, source, *, progress, cancelled):
             "skipped": prepared.stats.get("skipped", 0), "max_length": cfg.max_length, "path": str(cfg.path)}
 
 
+ROLE_LABELS = {"prompt": "Prompt", "completion": "Answer", "system": "System (optional)",
+               "instruction": "Instruction", "input": "Input (optional)", "output": "Answer",
+               "messages": "Messages", "text": "Text"}
+"""How the field mapping names each format's fields."""
+
+MAPPING_FORMAT = "prompt-completion"
+"""The fields offered when the format cannot be detected: which column is the prompt, which the
+answer, and (optionally) the system prompt."""
+
+
 class DataPage(Page):
     KEY = "data"
     TITLE = "Data"
@@ -144,6 +158,7 @@ class DataPage(Page):
         self._prepare_worker = None
         self._pending_prepare = False
         self._field_combos: dict[str, QComboBox] = {}
+        self._errors: dict[str, str] = {}  # what this page put in the message bar, by source (for retracting)
 
         # -- the file -------------------------------------------------------------------------------
         self.path = QLineEdit()
@@ -387,27 +402,41 @@ class DataPage(Page):
         self.count_label.setText("–")
         self.truncated_label.setText("–")
         self.stats_label.setText("–")
+        self.truncated_label.setStyleSheet("")
         self.example.set_message(message)
+        self.example_info.setText("")  # the previous file's "First example: ..." is not this file's
         self.histogram.clear()
         self.problems.clear()
         self.problems.addItem(message)
+        self._show_error("inspect", message)
+
+    def _show_error(self, source: str, message: str) -> None:
+        self._errors[source] = message
         self.state.show_error(message)
+
+    def _retract_error(self, *sources: str) -> None:
+        """The input is good again: take back the messages this page showed about it."""
+        for source in sources:
+            self.state.retract_error(self._errors.pop(source, None))
 
     def _on_inspected(self, r: dict, w) -> None:
         if w is not self._inspect_worker:
             return
         if "error" in r:
             self._on_failed(r["error"], w)
-            if r["columns"]:  # readable, but the format or fields need help: offer the mapping
+            if r["columns"]:  # readable, but the format or fields need help: the rows and the mapping
+                self._show_rows(r["columns"], r["rows"])
                 fmt = self.state.config.data.format
-                self._show_fields(fmt if fmt != "auto" else "", r["columns"], self.state.config.data.fields)
+                self._show_fields(fmt if fmt != "auto" else MAPPING_FORMAT, r["columns"],
+                                  self.state.config.data.fields)
+                self.detected.setText("not recognised: map the columns below")
+                self.example.set_message("The first example appears here once the columns are mapped "
+                                         "(Fields, on the left) or the format is chosen.")
             return
         self._inspect_worker = None
+        self._retract_error("inspect", "prepare")
         self.inspected = r
-        self.table_model.set_rows(r["columns"], r["rows"])
-        self.table.resizeColumnsToContents()
-        for col in range(len(r["columns"])):
-            self.table.setColumnWidth(col, min(self.table.columnWidth(col), 280))
+        self._show_rows(r["columns"], r["rows"])
         auto = self.state.config.data.format == "auto"
         self.detected.setText(f"{r['format']}" + (" (detected)" if auto else " (chosen)"))
         self.count_label.setText(f"{r['count']:,}")
@@ -421,7 +450,14 @@ class DataPage(Page):
             self.example_info.setText("")
         else:
             self.example.set_message("Waiting for the model's tokenizer…")
+            self.example_info.setText("")
         self._prepare_timer.start()
+
+    def _show_rows(self, columns: list[str], rows: list[dict]) -> None:
+        self.table_model.set_rows(columns, rows)
+        self.table.resizeColumnsToContents()
+        for col in range(len(columns)):
+            self.table.setColumnWidth(col, min(self.table.columnWidth(col), 280))
 
     def _show_fields(self, fmt: str, columns: list[str], fields: dict) -> None:
         while self.fields_form.rowCount():
@@ -440,8 +476,9 @@ class DataPage(Page):
             c.addItems(columns)
             c.setCurrentText(fields.get(role, ""))
             c.currentTextChanged.connect(self._on_field)
+            c.setToolTip(f"The column that holds the {role}")
             self._field_combos[role] = c
-            self.fields_form.addRow(role, c)
+            self.fields_form.addRow(ROLE_LABELS.get(role, role), c)
 
     def analyse(self) -> None:
         """Tokenise the whole file (a worker): lengths, truncation, problems."""
@@ -495,8 +532,10 @@ class DataPage(Page):
             self.stats_label.setText(text)
         h = st.get("histogram") or {}
         self.histogram.set_histogram(h.get("edges", []), h.get("counts", []), self.state.config.data.max_length)
+        self._retract_error("prepare")
         self.problems.clear()
         for p in r["problems"]:
+            p = rephrase(p)  # a row's problem may name --max-length: the window has Max length
             self.problems.addItem(p)
             self.problems.item(self.problems.count() - 1).setToolTip(p)
         if not r["problems"]:
@@ -507,7 +546,7 @@ class DataPage(Page):
         self.state.set_data_summary(None)
         self.problems.clear()
         self.problems.addItem(message)
-        self.state.show_error(message)
+        self._show_error("prepare", message)
 
     def _prepare_done(self) -> None:
         self._prepare_worker = None

@@ -69,8 +69,9 @@ class LayersPage(Page):
             presets.addWidget(b)
         presets.addStretch(1)
         self.pattern = QLineEdit()
-        self.pattern.setPlaceholderText("name suffixes (q_proj,v_proj) or a regular expression "
-                                        r"(re:layers\.(2[0-9])\..*proj) — Enter applies")
+        self.pattern.setPlaceholderText("q_proj,v_proj or re:REGEX, then Enter")
+        self.pattern.setToolTip("Module name suffixes separated by commas (q_proj,v_proj), or a regular "
+                                "expression after re: (re:layers\\.(2[0-9])\\..*proj); Enter applies it")
         self.pattern.returnPressed.connect(lambda: self.apply_spec(self.pattern.text().strip()))
         self.pattern_problem = QLabel()
         self.pattern_problem.setWordWrap(True)
@@ -212,7 +213,9 @@ class LayersPage(Page):
         try:
             names = set(resolve_targets(info.targets, spec))
         except StudioError as e:
-            self.pattern_problem.setText(str(e))
+            from studio.messages import for_window
+
+            self.pattern_problem.setText(for_window(e))
             self.pattern_problem.show()
             if quiet:
                 raise
