@@ -93,6 +93,9 @@ class DataConfig:
     """Also compute the loss on the prompt's tokens (default: only the answer's)."""
     val_split: float = 0.0
     """Fraction of examples held out for validation, split by the seed."""
+    chat_template: str = "auto"
+    """How conversations are rendered (``core.chat.CHOICES``): ``auto`` (the model's own chat
+    template; plain text when it has none), ``plain``, ``chatml``, or the path of a ``.jinja`` file."""
 
 
 @dataclass
@@ -211,6 +214,10 @@ class RunConfig:
             p.append("--targets: select at least one module to adapt")
         if da.format not in FORMATS:
             p.append(f"--format: '{da.format}' is not one of {', '.join(FORMATS)}")
+        from core.chat import choice_problem
+
+        if choice_problem(da.chat_template):
+            p.append(choice_problem(da.chat_template))
         if not isinstance(da.max_length, int) or da.max_length < 8:
             p.append(f"--max-length: must be at least 8 tokens (got {da.max_length!r})")
         if not (0.0 <= da.val_split < 1.0):

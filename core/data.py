@@ -878,11 +878,13 @@ def _encode_many(examples: Sequence[Mapping[str, Any]], tokenizer, fmt: str, fie
 
 
 def encode(example: Mapping[str, Any], tokenizer, fmt: str, fields: Mapping[str, str], *, max_length: int,
-           train_on_prompt: bool = False) -> Encoded:
+           train_on_prompt: bool = False, chat_template: str = "auto") -> Encoded:
     """Render one row and tokenise it: ``input_ids`` and ``labels`` (-100 except on the answers and
-    their end-of-turn token, or everywhere with ``train_on_prompt``), cut at ``max_length``.
+    their end-of-turn token, or everywhere with ``train_on_prompt``), cut at ``max_length``;
+    ``chat_template`` as ``DataConfig.chat_template``.
 
     Raises :class:`RowProblem` (a :class:`StudioError`) for a row that cannot be trained on."""
+    tokenizer = chat.with_template(tokenizer, chat_template)
     result = _encode_many([example], tokenizer, fmt, fields, max_length=max_length,
                           train_on_prompt=train_on_prompt)[0]
     if isinstance(result, RowProblem):
@@ -934,6 +936,7 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
     """
     if source is None:
         source = read(cfg.path or sample_dataset(), format=cfg.format, fields=cfg.fields)
+    tokenizer = chat.with_template(tokenizer, getattr(cfg, "chat_template", "auto"))
     n = source.rows
     val_split = float(cfg.val_split or 0.0)
     n_val = int(round(n * val_split)) if val_split > 0 else 0

@@ -91,7 +91,8 @@ def _columns_and_rows(path: str) -> tuple[list[str], list[dict]]:
         return [], []
 
 
-def _inspect(path: str, fmt: str, fields: dict, tokenizer, max_length: int, train_on_prompt: bool):
+def _inspect(path: str, fmt: str, fields: dict, tokenizer, max_length: int, train_on_prompt: bool,
+             chat_template: str = "auto"):
     """Read the file, detect the format, and render the first example (fast: no full tokenising)."""
     from core import data
     from core.errors import StudioError
@@ -109,7 +110,7 @@ def _inspect(path: str, fmt: str, fields: dict, tokenizer, max_length: int, trai
     if tokenizer is not None and rows:
         try:
             enc = data.encode(rows[0], tokenizer, src.format, src.fields, max_length=max_length,
-                              train_on_prompt=train_on_prompt)
+                              train_on_prompt=train_on_prompt, chat_template=chat_template)
             out["pieces"] = data.render_marked(enc, tokenizer)
             out["example_tokens"] = len(enc.input_ids)
             out["example_trained"] = sum(1 for x in enc.labels if x != -100)
@@ -198,6 +199,7 @@ class DataPage(Page):
         ff.addRow("Format", self.format)
         ff.addRow("Detected", self.detected)
         ff.addRow("Fields", self.fields_box)
+        ff.addRow("Chat template", self._template_row())
         ff.addRow("Max length", self.max_length)
         ff.addRow(self.train_on_prompt)
         ff.addRow(self.packing)
@@ -350,6 +352,7 @@ class DataPage(Page):
             w.blockSignals(True)
             w.setCurrentText(v)
             w.blockSignals(False)
+        self._show_template()
         for w, v in ((self.max_length, d.max_length),):
             w.blockSignals(True)
             w.setValue(v)
@@ -368,12 +371,66 @@ class DataPage(Page):
             self._inspect_timer.start()
 
     def _on_tokenizer(self, tok) -> None:
+        self._show_template()
         if tok is not None:
             self._inspect_timer.start()
 
     def page_shown(self) -> None:
         if self.inspected is None and self._inspect_worker is None:
             self._inspect_timer.start()
+
+    # -- the chat template: a model without one gets a choice, not a silent default (core.chat) ----
+    def _template_row(self) -> QWidget:
+        from core import chat
+
+        self.template = QComboBox()
+        for key, words in chat.CHOICES.items():
+            self.template.addItem(words, key)
+        self.template.addItem("a template file…", "")
+        self.template.activated.connect(self._on_template)
+        self.template_note = QLabel()
+        self.template_note.setWordWrap(True)
+        box = QWidget()
+        v = QVBoxLayout(box)
+        v.setContentsMargins(0, 0, 0, 0)
+        v.addWidget(self.template)
+        v.addWidget(self.template_note)
+        return box
+
+    def _on_template(self, index: int) -> None:
+        choice = self.template.itemData(index)
+        if choice == "":
+            path, _ = QFileDialog.getOpenFileName(self, "A chat template", "", "Jinja templates (*.jinja *.j2);;All files (*)")
+            choice = path or self.state.config.data.chat_template
+        from core import chat
+
+        problem = chat.choice_problem(choice)
+        if problem:
+            self.state.show_error(problem)
+            choice = self.state.config.data.chat_template
+        if choice != self.state.config.data.chat_template:
+            self.state.config.data.chat_template = choice
+            self.state.changed("data")
+            self._inspect_timer.start()
+        self._show_template()
+
+    def _show_template(self) -> None:
+        from core import chat
+
+        choice = self.state.config.data.chat_template or "auto"
+        i = self.template.findData(choice)
+        if i < 0:  # a file: shown by name above "a template file…"
+            self.template.insertItem(self.template.count() - 1, Path(choice).name, choice)
+            i = self.template.findData(choice)
+        self.template.setCurrentIndex(i)
+        tok = self.state.tokenizer
+        if tok is None:
+            self.template_note.setText("")
+            return
+        note = chat.describe(tok, choice) if choice == "auto" else ""  # a chosen one is in the box above
+        self.template_note.setText(note[:1].upper() + note[1:])
+        silent = choice == "auto" and not chat.has_template(tok)
+        self.template_note.setStyleSheet("color: #b35900; font-weight: bold;" if silent else "color: palette(mid);")
 
     # -- reading, in workers ----------------------------------------------------------------------
     def inspect(self) -> None:
@@ -382,7 +439,7 @@ class DataPage(Page):
             self._inspect_worker.cancel()
         d = self.state.config.data
         w = workers.FunctionWorker(_inspect, self.current_path(), d.format, dict(d.fields),
-                                   self.state.tokenizer, d.max_length, d.train_on_prompt)
+                                   self.state.tokenizer, d.max_length, d.train_on_prompt, d.chat_template)
         self._inspect_worker = w
         self.detected.setText("reading…")
         w.finished.connect(lambda r, w=w: self._on_inspected(r, w))

@@ -1,0 +1,119 @@
+"""core.chat: the one end-of-turn list, and what a model without a chat template gets (a choice:
+plain text, ChatML or a template file; never a silent default) on the command line and the Data page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import tiny_checkpoint, tiny_gpt2, tiny_tokenizer
+
+from core import chat, data, generate
+from core.config import DataConfig, RunConfig
+
+ROWS = [{"instruction": f"Add {i} and {i + 1}.", "output": f"It is {2 * i + 1}."} for i in range(6)]
+FIELDS = {"instruction": "instruction", "output": "output", "input": "input", "system": "system"}
+
+
+def _pieces(enc, tok):
+    return "".join(f"[{t}]" if trained else t for t, trained in data.render_marked(enc, tok))
+
+
+def test_one_end_of_turn_list_for_training_and_generation():
+    assert data.END_OF_TURN is chat.END_OF_TURN and generate.END_OF_TURN_TOKENS is chat.END_OF_TURN
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|eom_id|>", "<|end_of_text|>"]})
+    model = tiny_gpt2(vocab_size=400, eos_token_id=2)
+    model.generation_config.eos_token_id = [2, tok.convert_tokens_to_ids("<|eom_id|>")]
+    stops = generate.stop_token_ids(model, tok)
+    assert set(data.end_of_turn_ids(tok)) <= stops
+    assert {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eom_id|>", "<|end_of_text|>")} <= stops
+    assert 2 in stops  # the model's own EOS ids count too
+    assert chat.end_of_turn_ids(tok, model)[0] == tok.eos_token_id
+
+
+def test_a_model_without_a_template_is_told_and_can_choose():
+    tok = tiny_tokenizer(chat_template=False)
+    said = chat.describe(tok)
+    assert "no chat template" in said and "plain text" in said and "ChatML" in said
+    plain = data.encode(ROWS[0], tok, "instruction", FIELDS, max_length=128)
+    assert _pieces(plain, tok).startswith("### Instruction:\nAdd 0 and 1.")
+    chatml = data.encode(ROWS[0], tok, "instruction", FIELDS, max_length=128, chat_template="chatml")
+    assert _pieces(chatml, tok) == ("<|im_start|>user\nAdd 0 and 1.<|im_end|>\n<|im_start|>assistant\n"
+                                    "[It is 1.<|im_end|>]\n")
+    assert tok.chat_template is None  # the caller's tokenizer is never changed
+    assert "ChatML" in chat.describe(tok, "chatml")
+    # a model with a template can be trained as plain text too
+    own = tiny_tokenizer()
+    assert "model's chat template: ChatML" in chat.describe(own)
+    assert _pieces(data.encode(ROWS[0], own, "instruction", FIELDS, max_length=128, chat_template="plain"),
+                   own).startswith("### Instruction:")
+
+
+def test_a_template_file_is_a_choice_and_bad_ones_are_one_line(tmp_path):
+    tok = tiny_tokenizer(chat_template=False)
+    gemma = Path(__file__).parent / "data" / "chat_templates" / "gemma2.jinja"
+    enc = data.encode(ROWS[0], tok, "instruction", FIELDS, max_length=200, chat_template=str(gemma))
+    assert "<start_of_turn>model\n[It is 1." in _pieces(enc, tok)  # no <end_of_turn> token: the EOS is taught
+    assert chat.choice_problem(str(gemma)) is None and chat.choice_problem("chatml") is None
+    for bad, words in ((tmp_path / "nope.jinja", "no such file"), (tmp_path / "t.bin", "not a .jinja file")):
+        problem = chat.choice_problem(str(bad))
+        assert problem.startswith(f"--chat-template {bad}") and words in problem and "\n" not in problem
+    notes = tmp_path / "notes.jinja"
+    notes.write_text("hello {{ name }}")
+    assert "not a chat template" in chat.choice_problem(str(notes))
+    assert any(p.startswith("--chat-template") for p in RunConfig(data=DataConfig(chat_template="zephyr")).problems())
+
+
+def test_prepare_uses_the_choice(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    tok = tiny_tokenizer(chat_template=False)
+    plain = data.prepare(DataConfig(path=str(path)), tok)
+    chatml = data.prepare(DataConfig(path=str(path), chat_template="chatml"), tok)
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert im_start not in plain.train[0].input_ids and im_start in chatml.train[0].input_ids
+
+
+def test_cli_data_and_train_take_chat_template(tmp_path, capsys):
+    from studio.cli import run
+
+    ckpt = tiny_checkpoint(tmp_path / "gpt2", arch="gpt2", chat_template=False)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert run(["data", str(path), "--model", str(ckpt)]) == 0
+    assert "has no chat template" in capsys.readouterr().out
+    assert run(["data", str(path), "--model", str(ckpt), "--chat-template", "chatml", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["chat_template"] is False and "ChatML" in out["rendering"] and "<|im_start|>" in out["first_example"]["text"]
+    assert run(["data", str(path), "--model", str(ckpt), "--chat-template", str(tmp_path / "x.jinja")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--chat-template" in err and err.count("\n") == 1
+    assert run(["train", "--model", str(ckpt), "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "1",
+                "--batch-size", "2", "--targets", "c_attn", "--chat-template", "chatml", "--device", "cpu",
+                "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["chat_template"] == "chatml"
+
+
+def test_data_page_offers_the_choice_when_the_model_has_no_template(qtbot):
+    from studio.pages.data import DataPage
+    from studio.state import StudioState
+
+    state = StudioState()
+    page = DataPage(state)
+    qtbot.addWidget(page)
+    page.show()
+    tok = tiny_tokenizer(chat_template=False)
+    state.tokenizer = tok
+    state.tokenizer_changed.emit(tok)
+    qtbot.waitUntil(lambda: bool(page.inspected and page.inspected.get("pieces")), timeout=60_000)
+    note = page.template_note.text()
+    assert note.startswith("This model has no chat template") and "bold" in page.template_note.styleSheet()
+    assert page.template.currentData() == "auto"
+    assert "### Instruction" in "".join(t for t, _ in page.inspected["pieces"])
+    page.template.setCurrentIndex(page.template.findData("chatml"))
+    page._on_template(page.template.currentIndex())
+    assert state.config.data.chat_template == "chatml" and page.template_note.text() == ""
+    qtbot.waitUntil(lambda: bool(page.inspected and page.inspected.get("pieces")
+                                 and page.inspected["pieces"][0][0].startswith("<|im_start|>")), timeout=60_000)
