@@ -79,7 +79,11 @@ class LoRAConfig:
 class DataConfig:
     path: str = ""
     """The dataset: ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.txt`` or a ``save_to_disk``
-    folder. Empty means the bundled sample dataset."""
+    folder, or a dataset on the Hugging Face Hub (``org/name``). Empty means the bundled sample dataset."""
+    split: str = ""
+    """A Hub dataset's split (``--data-split``); empty: ``train``, or its only split."""
+    subset: str = ""
+    """A Hub dataset's configuration (``--data-config``), for one that has several."""
     format: str = "auto"
     """``auto`` (detected), ``instruction``, ``chat``, ``prompt-completion`` or ``text``."""
     fields: dict[str, str] = field(default_factory=dict)

@@ -601,14 +601,24 @@ def parse_fields(text: str | None) -> dict[str, str]:
     return out
 
 
-def read(path: str | os.PathLike, *, format: str = "auto", fields: Mapping[str, str] | None = None) -> Source:
-    """Read a dataset file or ``save_to_disk`` folder and work out its format and fields.
+def read(path: str | os.PathLike, *, format: str = "auto", fields: Mapping[str, str] | None = None,
+         split: str | None = None, subset: str | None = None) -> Source:
+    """Read a dataset file or ``save_to_disk`` folder, or a Hub dataset ``org/name`` (its ``split`` and
+    ``subset``: core.hub_datasets), and work out its format and fields.
 
     Raises :class:`StudioError` naming the file (and the line, for malformed JSON and bad encodings)."""
-    path = Path(path).expanduser()
+    spec, path = str(path), Path(path).expanduser()
     if not path.exists():
-        raise StudioError(f"{path}: no such file or folder")
-    ds, notes = _load(path, fields)
+        from core import hub_datasets
+
+        if not hub_datasets.is_hub_dataset(spec):
+            raise StudioError(f"{path}: no such file or folder")
+        ds, notes = hub_datasets.load(spec, split, subset)
+    elif split or subset:
+        raise StudioError(f"--data-{'split' if split else 'config'}: only for a dataset on the Hub (org/name); "
+                          f"{path} is on this machine", hint="leave it out")
+    else:
+        ds, notes = _load(path, fields)
     if ds.num_rows == 0:
         raise StudioError(f"{path}: the file has no examples")
     columns = list(ds.column_names)
@@ -935,7 +945,8 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
     tokenizer, so the same file and seed hold out the same rows for every model.
     """
     if source is None:
-        source = read(cfg.path or sample_dataset(), format=cfg.format, fields=cfg.fields)
+        source = read(cfg.path or sample_dataset(), format=cfg.format, fields=cfg.fields,
+                      split=getattr(cfg, "split", "") or None, subset=getattr(cfg, "subset", "") or None)
     tokenizer = chat.with_template(tokenizer, getattr(cfg, "chat_template", "auto"))
     n = source.rows
     val_split = float(cfg.val_split or 0.0)

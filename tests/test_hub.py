@@ -254,3 +254,68 @@ def test_model_option_downloads_a_repo_id_that_is_not_cached(server, tiny_files,
     gets = len([r for r in server.log if r.method == "GET"])
     assert cli.run(["targets", "--model", "acme/tiny", "--json"]) == 0  # cached now: no request at all
     assert len([r for r in server.log if r.method == "GET"]) == gets
+
+
+# -- datasets on the Hub ---------------------------------------------------------------------------
+
+def _parquet(rows: list[dict]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def _studio(args: list[str], env: dict, tmp_path: Path):
+    """``python -m studio ARGS`` in a fresh process: datasets reads HF_ENDPOINT once, at import."""
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
+    full.update(env)
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "studio", *args], env=full, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_data_takes_a_hub_dataset_with_split_and_config_and_reads_it_offline_from_the_cache(
+        server, tmp_path, checkpoint):
+    import os
+
+    rows = [{"instruction": f"Add {i} and {i}.", "output": str(2 * i)} for i in range(30)]
+    server.add(HubRepo("acme/sums", {"README.md": b"# sums\n",
+                                     "data/train-00000-of-00001.parquet": _parquet(rows),
+                                     "data/test-00000-of-00001.parquet": _parquet(rows[:7])},
+                       repo_type="dataset"))
+    env = {"HF_ENDPOINT": server.url, "HF_HOME": os.environ["HF_HOME"],
+           "LORA_STUDIO_HOME": os.environ["LORA_STUDIO_HOME"]}
+    r = _studio(["data", "acme/sums", "--data-split", "test", "--model", str(checkpoint), "--json"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["rows"] == 7 and report["format"] == "instruction"
+    assert any("acme/sums" in n for n in report["notes"])
+    assert (Path(os.environ["HF_HOME"]) / "datasets").is_dir()  # datasets' own cache, shared with other tools
+
+    r = _studio(["data", "acme/sums", "--data-split", "validation", "--model", str(checkpoint)], env, tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: --data-split validation:") and r.stderr.count("\n") == 1
+    r = _studio(["data", "acme/nothing", "--model", str(checkpoint)], env, tmp_path)
+    assert r.returncode == 1 and "no dataset acme/nothing" in r.stderr and r.stderr.count("\n") == 1
+
+    server.stop()  # no network from here: what is cached still works
+    r = _studio(["data", "acme/sums", "--data-split", "test", "--model", str(checkpoint), "--json"],
+                dict(env, HF_HUB_OFFLINE="1"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows"] == 7
+
+
+def test_data_split_on_a_local_file_is_refused(checkpoint, tmp_path):
+    from core import data
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    with pytest.raises(StudioError, match="--data-split: only for a dataset on the Hub"):
+        data.read(f, split="test")

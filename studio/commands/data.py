@@ -23,10 +23,13 @@ def register(sub) -> None:
                "Formats: chat (messages with role/content, or ShareGPT conversations with from/value), "
                "instruction (instruction, input, output), prompt-completion (prompt, completion; or "
                "question, answer) and text (text).")
-    d.add_argument("file", metavar="FILE", help="the dataset file or save_to_disk folder")
+    d.add_argument("file", metavar="FILE", help="the dataset file or save_to_disk folder, or a Hub dataset id "
+                                                "(org/name, read through datasets into its cache)")
+    d.add_argument("--data-split", metavar="S", help="with a Hub dataset: the split (default: train, or its only one)")
+    d.add_argument("--data-config", metavar="C", help="with a Hub dataset: its configuration, where it has several")
     d.add_argument("--model", default="default",
                    help="whose tokenizer and chat template to use: 'default' (bundled SmolLM2-135M-Instruct), "
-                        "a Hugging Face folder, a .gguf file or a cached repo id (default: default)")
+                        "a Hugging Face folder, a .gguf file or a Hub repo id (downloaded when not cached) (default: default)")
     d.add_argument("--format", default="auto", choices=FORMATS,
                    help="the dataset's format (default: auto, detected from the columns)")
     d.add_argument("--fields", default="", metavar="FIELD=COLUMN,...",
@@ -90,12 +93,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     cfg = DataConfig(path=args.file, format=args.format, fields=data.parse_fields(args.fields),
                      max_length=args.max_length, packing=args.packing, train_on_prompt=args.train_on_prompt,
-                     val_split=args.val_split, chat_template=args.chat_template)
+                     val_split=args.val_split, chat_template=args.chat_template,
+                     split=args.data_split or "", subset=args.data_config or "")
     problems = [p for p in RunConfig(data=cfg).problems()
                 if p.startswith(("--max-length", "--val-split", "--chat-template"))]
     if problems:
         raise ConfigError(problems)
-    source = data.read(cfg.path, format=cfg.format, fields=cfg.fields)
+    source = data.read(cfg.path, format=cfg.format, fields=cfg.fields, split=cfg.split or None,
+                       subset=cfg.subset or None)
     tok = _tokenizer(fetch_model(args.model))
     update, close = _progress(not args.json and sys.stderr.isatty())
     try:

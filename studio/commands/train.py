@@ -27,7 +27,8 @@ _MAP = {
     "trust_remote_code": ("model", "trust_remote_code"),
     "targets": ("lora", "targets"), "rank": ("lora", "rank"), "alpha": ("lora", "alpha"),
     "dropout": ("lora", "dropout"), "rslora": ("lora", "rslora"),
-    "data": ("data", "path"), "format": ("data", "format"), "max_length": ("data", "max_length"),
+    "data": ("data", "path"), "data_split": ("data", "split"), "data_config": ("data", "subset"),
+    "format": ("data", "format"), "max_length": ("data", "max_length"),
     "packing": ("data", "packing"), "train_on_prompt": ("data", "train_on_prompt"),
     "val_split": ("data", "val_split"), "chat_template": ("data", "chat_template"),
     "steps": ("train", "steps"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
@@ -57,8 +58,12 @@ def register(sub) -> None:
     g.add_argument("--model", help="'default' (the bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
                                    "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached) "
                                    "(default: default)")
-    g.add_argument("--data", metavar="FILE", help=".jsonl, .json, .csv, .parquet, .txt or a datasets save_to_disk "
-                                                  "folder (default: the bundled sample dataset)")
+    g.add_argument("--data", metavar="FILE", help=".jsonl, .json, .csv, .parquet, .txt, a datasets save_to_disk "
+                                                  "folder, or a Hub dataset id org/name (default: the bundled "
+                                                  "sample dataset)")
+    g.add_argument("--data-split", metavar="S", help="with a Hub dataset (--data org/name): the split to train "
+                                                     "on (default: train, or its only split)")
+    g.add_argument("--data-config", metavar="C", help="with a Hub dataset: its configuration, where it has several")
     g.add_argument("--out", metavar="RUN_DIR", help="the run folder to write (required)")
     g.add_argument("--name", help="a name for the run and its adapter (default: the run folder's name)")
     g.add_argument("--config", metavar="FILE", help="a run's config.json to start from; flags given beside it win")
