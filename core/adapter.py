@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core import __version__, atomic, lora
+from core import __version__, atomic, lora, safeio
 from core.errors import StudioError
 
 CONFIG_FILE = "adapter_config.json"
@@ -351,7 +351,9 @@ def _check_config(folder: Path, cfg: dict) -> None:
                               "column by a learned magnitude, which LoRA Studio does not implement",
                       "merge it into its base model with PEFT (merge_and_unload) or train a plain LoRA")
     if cfg.get("modules_to_save"):
-        raise _refuse(folder, f"it also saves whole modules ({', '.join(map(str, cfg['modules_to_save']))}: "
+        saved = cfg["modules_to_save"]
+        raise _refuse(folder, f"it also saves whole modules "
+                              f"({', '.join(map(str, saved)) if isinstance(saved, list) else repr(saved)[:80]}: "
                               "modules_to_save), which a LoRA adapter cannot carry",
                       "merge it with PEFT (merge_and_unload) and use the merged model as the base")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
@@ -393,6 +395,39 @@ def _check_config(folder: Path, cfg: dict) -> None:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise _refuse(folder, f"adapter_config.json: lora_alpha must be a number (got {alpha!r})",
                       "fix or rewrite the file")
+    _check_field_types(folder, cfg)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _regex_ok(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+        return True
+    except (re.error, RecursionError, OverflowError):
+        return False
+
+
+def _check_field_types(folder: Path, cfg: dict) -> None:
+    """The fields read later (targets, per-module ranks and alphas, dropout) have the types PEFT
+    writes; anything else is refused here rather than failing deep inside with a TypeError."""
+    fix = "fix or rewrite the file"
+    targets = cfg.get("target_modules")
+    if not (targets is None or (isinstance(targets, str) and _regex_ok(targets))
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise _refuse(folder, f"adapter_config.json: target_modules must be a list of module names or a "
+                              f"regular expression (got {str(targets)[:80]!r})", fix)
+    for key, ok, what in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                           "positive integers"), ("alpha_pattern", _number, "numbers")):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(_regex_ok(k) and ok(v) for k, v in pattern.items()):
+            raise _refuse(folder, f"adapter_config.json: {key} must map module names to {what} "
+                                  f"(got {str(pattern)[:80]!r})", fix)
+    dropout = cfg.get("lora_dropout", 0.0) or 0.0
+    if not _number(dropout) or not 0 <= dropout <= 1:
+        raise _refuse(folder, f"adapter_config.json: lora_dropout must be a number in [0, 1] (got {dropout!r})", fix)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -450,9 +485,9 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
     if not cfg_path.is_file():
         raise _refuse(folder, f"no {CONFIG_FILE} in the folder", "choose a folder holding a LoRA adapter")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _refuse(folder, f"{CONFIG_FILE} is not valid JSON ({e})", "copy or export the adapter again") from None
+        cfg = safeio.read_json(cfg_path, where=CONFIG_FILE)
+    except StudioError as e:
+        raise _refuse(folder, str(e), "copy or export the adapter again") from None
     if not isinstance(cfg, dict):
         raise _refuse(folder, f"{CONFIG_FILE} does not hold a JSON object", "copy or export the adapter again")
     _check_config(folder, cfg)
@@ -519,13 +554,16 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
     sp = folder / STUDIO_FILE
     if sp.is_file():
         try:
-            studio = json.loads(sp.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _refuse(folder, f"{STUDIO_FILE} is not valid JSON ({e})",
-                          "copy or export the adapter again") from None
+            studio = safeio.read_json(sp, where=STUDIO_FILE)
+        except StudioError as e:
+            raise _refuse(folder, str(e), "copy or export the adapter again") from None
         if not isinstance(studio, dict):
             raise _refuse(folder, f"{STUDIO_FILE} does not hold a JSON object", "copy or export the adapter again")
-        if studio.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        version = studio.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise _refuse(folder, f"{STUDIO_FILE}: format_version must be an integer (got {str(version)[:40]!r})",
+                          "copy or export the adapter again")
+        if version > FORMAT_VERSION:
             raise _refuse(folder, f"{STUDIO_FILE} has format version {studio['format_version']}, newer than this "
                                   f"LoRA Studio reads ({FORMAT_VERSION})", "update LoRA Studio")
     dropout = cfg.get("lora_dropout", 0.0) or 0.0

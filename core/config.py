@@ -132,6 +132,38 @@ class TrainConfig:
     """Seeds the adapter's initialisation, the split, the shuffling and dropout."""
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+_TYPE_CHECKS = {
+    "str": (lambda v: isinstance(v, str), "text"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "float": (_finite, "a number"),
+    "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "a whole number or null"),
+    "float | None": (lambda v: v is None or _finite(v), "a number or null"),
+    "str | list[str]": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                        "text or a list of texts"),
+    "dict[str, str]": (lambda v: isinstance(v, dict) and all(isinstance(t, str) for t in v.values()),
+                       "an object of texts"),
+}
+"""A config file's value for each field annotation: what passes, and how the message names it."""
+
+
+def _type_problem(where: str, annotation: Any, value: Any) -> str | None:
+    """The problem with a config file's ``value`` for a field of this annotation, or None."""
+    check = _TYPE_CHECKS.get(str(annotation))
+    if check is None or check[0](value):
+        return None
+    return f"{where} must be {check[1]} (got {_short(value)})"
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one training run; ``config.json`` in the run folder is this, as JSON."""
@@ -162,12 +194,16 @@ class RunConfig:
                 if not isinstance(value, dict):
                     problems.append(f"{source}: '{key}' must be an object")
                     continue
-                known = {f.name for f in fields(parts[key])}
-                unknown = sorted(set(value) - known)
+                known = {f.name: f for f in fields(parts[key])}
+                unknown = sorted(set(value) - set(known))
                 if unknown:
                     problems.append(f"{source}: unknown option(s) {', '.join(key + '.' + u for u in unknown)}")
+                wrong = [_type_problem(f"{source}: {key}.{k}", known[k].type, v) for k, v in value.items() if k in known]
+                problems += [w for w in wrong if w]
                 kwargs[key] = parts[key](**{k: v for k, v in value.items() if k in known})
             elif key in ("out", "name"):
+                if not isinstance(value, str):
+                    problems.append(f"{source}: '{key}' must be text (got {_short(value)})")
                 kwargs[key] = value
             else:
                 problems.append(f"{source}: unknown option '{key}'")

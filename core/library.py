@@ -38,6 +38,7 @@ import sqlite3
 import stat
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -124,17 +125,11 @@ def _now() -> str:
 # -- reading adapter folders cheaply ---------------------------------------------------------------
 
 def _read_json(path: Path, *, limit: int = MAX_JSON_BYTES) -> Any:
-    """Parse a JSON file; StudioError naming the file and line if it is not valid."""
-    try:
-        if path.stat().st_size > limit:
-            raise StudioError(f"{path}: {path.stat().st_size:,} bytes is too large for this JSON file")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StudioError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise StudioError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise StudioError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    """Parse a JSON file; StudioError naming the file and line if it is not valid (core.safeio: sizes
+    and nesting capped)."""
+    from core import safeio
+
+    return safeio.read_json(path, max_bytes=limit)
 
 
 def safetensors_header(path: Path) -> dict:
@@ -560,19 +555,19 @@ class Library:
             try:
                 self._sync(con)
                 rows = con.execute(sql, tuple(params)).fetchall()
-                break
-            except sqlite3.DatabaseError as e:
+                out = []
+                for (data,) in rows:  # a row torn inside its JSON is a damaged index too: rebuilt below
+                    d = json.loads(data)
+                    out.append(Entry.from_json(d, self.adapters_dir / d["id"]))
+                return out
+            except (sqlite3.DatabaseError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
                 if attempt or any(w in str(e).lower() for w in ("locked", "busy")):
                     raise StudioError(f"the library index {self.index_path} cannot be used ({e})") from None
                 con.close()
                 self._create_index()
             finally:
                 con.close()
-        out = []
-        for (data,) in rows:
-            d = json.loads(data)
-            out.append(Entry.from_json(d, self.adapters_dir / d["id"]))
-        return out
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # -- reading ---------------------------------------------------------------------------------
     def entries(self) -> list[Entry]:
@@ -731,7 +726,7 @@ class Library:
         """
         try:
             zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, OverflowError, NotImplementedError) as e:
             raise StudioError(f"{path}: not a readable zip file ({e})") from None
         with zf:
             members = [i for i in zf.infolist() if not i.is_dir()]
@@ -774,7 +769,8 @@ class Library:
                             fout.write(chunk)
                 return self.add_folder(staging, name=name, move=True, imported_from=str(path.resolve()),
                                        default_name=path.stem)
-            except zipfile.BadZipFile as e:
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError,
+                    ValueError, OverflowError) as e:  # offsets, methods and sizes are the zip's word
                 raise StudioError(f"{path}: the zip is damaged ({e})") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from core import atomic
+from core import safeio
 from core.errors import StudioError
 from core.home import models_dir, studio_home
 
@@ -609,12 +610,12 @@ def _config_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise StudioError(f"--model {ref.spec}: {folder} has no config.json")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StudioError(f"--model {ref.spec}: {folder} has no config.json") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StudioError(f"--model {ref.spec}: {cfg_path} is not valid JSON ({e})") from None
+        raw = safeio.read_json(cfg_path)  # nesting and size capped: transformers parses it again below
+    except StudioError as e:
+        raise StudioError(f"--model {ref.spec}: {e}") from None
     if not isinstance(raw, dict):
         raise StudioError(f"--model {ref.spec}: {cfg_path} is not a JSON object")
     model_type = raw.get("model_type")
@@ -639,7 +640,7 @@ def _config_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool):
     quant.checkpoint_quantization(raw, f"--model {ref.spec}: {folder}")  # GPTQ, AWQ, FP8, ...: refused here
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001  (fields of wrong types: huggingface_hub's strict dataclass errors too)
         raise StudioError(f"--model {ref.spec}: cannot read {cfg_path} ({_first_line(e)})") from None
     return config
 
@@ -661,7 +662,7 @@ def load_config(spec: str, trust_remote_code: bool = False):
     _gguf_header(ref)
     try:
         config = AutoConfig.from_pretrained(ref.path.parent, gguf_file=ref.path.name)
-    except (ValueError, KeyError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (metadata of wrong types ends in any error of the config classes)
         raise StudioError(f"--model {ref.spec}: cannot read the configuration in {ref.path.name} "
                           f"({_first_line(e)})") from None
     if hasattr(config, "quantization_config"):
@@ -706,7 +707,7 @@ def _tokenizer_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool 
         raise StudioError(f"--model {ref.spec}: {folder} has no tokenizer files", hint=hint)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001  (the tokenizers library reports a malformed file as a bare Exception)
         raise StudioError(f"--model {ref.spec}: cannot load the tokenizer from {folder} ({_first_line(e)})",
                           hint=hint) from None
     _ensure_pad_token(tok)
@@ -735,7 +736,7 @@ def _build_on_meta(ref: ModelRef, config, trust_remote_code: bool) -> nn.Module:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001  (absurd config values: KeyError, ZeroDivisionError, TypeError, ...)
         if "Unrecognized configuration class" in str(e):
             raise StudioError(f"--model {ref.spec}: a '{config.model_type}' model is not a causal language "
                               "model (one that writes text); LoRA Studio trains those (Llama, Qwen, "
