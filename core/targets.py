@@ -196,6 +196,12 @@ def resolve_targets(model_or_targets: nn.Module | Sequence[TargetModule],
         names = value  # type: ignore[assignment]
         chosen = [t.name for t in targets
                   if any(t.name == n or t.name.endswith("." + n) for n in names)]  # type: ignore[union-attr]
+    if not chosen and kind == "preset" and value == "mlp" and isinstance(model_or_targets, nn.Module):
+        experts = next((type(m).__name__ for m in model_or_targets.modules() if type(m).__name__.endswith("Experts")), None)
+        if experts:
+            raise StudioError(f"--targets mlp: this model's MLP is a mixture of experts ({experts} holds them as "
+                              "fused 3-D weights, not linear layers), which LoRA Studio cannot adapt",
+                              hint="adapt its attention (--targets attention or all-linear)")
     if not chosen:
         example = next((t.name for t in targets if t.block), targets[0].name if targets else "")
         raise StudioError(

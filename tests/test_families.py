@@ -24,6 +24,7 @@ from test_export import logits
 
 from core import adapter, chat, data, generate, targets
 from core.config import RunConfig
+from core.errors import StudioError
 from core.train import Trainer
 
 import peft
@@ -193,7 +194,12 @@ MODELS = {
                {"self_attention.query_key_value": "qkv", "self_attention.dense": "o", "mlp.dense_h_to_4h": "up",
                 "mlp.dense_4h_to_h": "down"}),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(), {**ATTN, "mlp.c_fc": "up", "mlp.c_proj": "down"}),
+    # mixtures of experts: transformers keeps the experts as fused 3-D weights, so only attention adapts
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2), ATTN),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                               moe_intermediate_size=32), ATTN),
 }
+MIXTURES = {"mixtral", "qwen3_moe"}
 NOT_SIZED = {"gpt2"}  # GPT-2's config names its sizes differently
 PRESET_ROLES = {"attention-qv": {"q", "v", "qkv"}, "attention": {"q", "k", "v", "qkv", "o"},
                 "mlp": {"gate", "up", "gate_up", "down"}}
@@ -223,6 +229,11 @@ def test_roles_are_read_and_presets_select_what_they_say(family):
     heads = [t for t in found if t.is_head]
     assert len(heads) == 1 and heads[0].role == "head"
     for preset, wanted in PRESET_ROLES.items():
+        if preset == "mlp" and family in MIXTURES:
+            with pytest.raises(StudioError, match="mixture of experts .*Experts.*cannot adapt") as e:
+                targets.resolve_targets(model, preset)
+            assert "\n" not in str(e.value) and "--targets attention" in e.value.hint
+            continue
         chosen = targets.resolve_targets(model, preset)
         assert sorted(chosen) == sorted(f"{b}.{n}" for b in blocks for n, r in roles.items() if r in wanted), preset
     assert sorted(targets.resolve_targets(model, "all-linear")) == sorted(f"{b}.{n}" for b in blocks for n in roles)
