@@ -402,3 +402,17 @@ def not_cached_error(spec: str) -> StudioError:
     return StudioError(f"--model {spec}: no such folder or file, and not (completely) in the local Hugging Face "
                        f"cache ({hf_cache_dir()}){offline}",
                        hint=f"download it with 'lora-studio models download {spec}', or pick it on the Model page")
+
+
+def curated_models() -> list[dict]:
+    """The short list of good small chat models the Model page offers (``resources/hub_models.json``):
+    one entry per model, ``id``, ``parameters`` (as text), ``gated`` and ``size_class``."""
+    from core.home import RESOURCES
+
+    path = RESOURCES / "hub_models.json"
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))["classes"]
+        return [dict(m, size_class=c["name"]) for c in classes for m in c["models"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StudioError(f"{path}: the list of models to download cannot be read ({e})",
+                          hint="reinstall LoRA Studio") from None

@@ -319,3 +319,59 @@ def test_data_split_on_a_local_file_is_refused(checkpoint, tmp_path):
     f.write_text('{"text": "hello"}\n')
     with pytest.raises(StudioError, match="--data-split: only for a dataset on the Hub"):
         data.read(f, split="test")
+
+
+# -- the window ------------------------------------------------------------------------------------
+
+def _panel(qtbot):
+    from studio.state import StudioState
+    from studio.widgets.hub_panel import HubPanel
+
+    state = StudioState()
+    settings = dict(batch_size=1, seq_len=256, rank=8, targets="all-linear", precision="fp32")
+    panel = HubPanel(state, lambda: (settings, "cpu"))
+    qtbot.addWidget(panel)
+    return panel
+
+
+def test_panel_checks_fit_then_downloads_with_progress(server, tiny_files, qtbot):
+    server.add(HubRepo("acme/tiny", tiny_files))
+    panel = _panel(qtbot)
+    ids = [panel.repo.itemText(i) for i in range(panel.repo.count())]
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in ids and "— 7-9B —" in ids  # the curated list, by size class
+    panel.repo.setEditText("acme/tiny")
+    panel.check()
+    qtbot.waitUntil(lambda: panel.worker is None and panel.report is not None, timeout=30000)
+    assert "LlamaForCausalLM" in panel.info.text() and "It fits" in panel.info.text()
+    assert not any(r.path.endswith(".safetensors") for r in server.log)
+    seen = []
+    with qtbot.waitSignal(panel.downloaded, timeout=30000) as got:
+        panel.download()
+        panel.worker.progress.connect(seen.append)
+    assert got.args == ["acme/tiny"] and seen and seen[-1].done == seen[-1].total
+    assert "Downloaded acme/tiny" in panel.status.text()
+    assert hub.local_snapshot("acme/tiny") is not None
+
+
+def test_panel_cancel_keeps_the_partial_file_and_says_a_model_does_not_fit(server, tiny_files, qtbot):
+    server.add(HubRepo("acme/tiny", tiny_files))
+    server.rate = 300_000
+    panel = _panel(qtbot)
+    panel.repo.setEditText("acme/tiny")
+    panel.download()
+    qtbot.waitUntil(lambda: "model.safetensors" in panel.status.text(), timeout=20000)
+    began = time.monotonic()
+    with qtbot.waitSignal(panel.worker.cancelled, timeout=3000):
+        panel.cancel()
+    assert time.monotonic() - began < 1.0
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=3000)
+    assert "What arrived is kept" in panel.status.text()
+    assert list((hub.repo_folder("acme/tiny") / "blobs").glob("*.incomplete"))
+    huge = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
+            "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
+            "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072}
+    server.add(HubRepo("acme/huge", {"config.json": json.dumps(huge).encode(), "model.safetensors": b"w" * 64}))
+    panel.repo.setEditText("acme/huge")
+    panel.check()
+    qtbot.waitUntil(lambda: panel.worker is None and panel.report is not None, timeout=60000)
+    assert "acme/huge does not fit" in panel.info.text() and "C0392B" in panel.info.text()

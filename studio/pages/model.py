@@ -120,6 +120,11 @@ class ModelPage(Page):
         ll.addWidget(self.search)
         ll.addWidget(self.table, 1)
         ll.addLayout(buttons)
+        from studio.widgets.hub_panel import HubPanel  # download by name, with the fit check first
+
+        self.hub_panel = HubPanel(state, lambda: (self._estimate_args(), self.device.currentText()))
+        self.hub_panel.downloaded.connect(lambda spec: (self.choose(spec), self.refresh_list()))
+        ll.addWidget(self.hub_panel)
 
         # -- right: device, summary, memory, load ---------------------------------------------------
         self.device = QComboBox()
