@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from core.errors import StudioError
 
@@ -112,16 +112,18 @@ def end_of_turn_ids(tokenizer, model=None) -> list[int]:
     return ids
 
 
-def answer_end(ids: Sequence[int], first: int, stop: int, end_ids: set[int], blank: Sequence[bool]) -> int | None:
+def answer_end(ids: Sequence[int], first: int, stop: int, end_ids: set[int],
+               blank: Callable[[int], bool]) -> int | None:
     """The index of the token that ends the answer in ``ids[first:stop]``: the first end-of-turn token
-    after which only white space (``blank[j]``) and end-of-turn tokens follow; None when there is none.
+    after which only white space and end-of-turn tokens follow; None when there is none.
 
-    ``blank[j]`` says whether token ``j``'s text is white space only."""
+    ``blank(j)`` says whether token ``j``'s text is white space only (asked from the end backwards,
+    only until the answer's last word)."""
     end = None
     for j in range(stop - 1, first - 1, -1):
         if ids[j] in end_ids:
             end = j
-        elif not blank[j]:
+        elif not blank(j):
             break
     return end
 

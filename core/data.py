@@ -810,8 +810,9 @@ def _labels_for(ids: list[int], offsets, spans, end_ids: set[int], eos_id: int |
     inserts: list[int] = []
     k = 0
     n = len(ids)
-    # white-space-only tokens (ChatML's "\n" after <|im_end|>) may follow an answer's end-of-turn token
-    blank = [bool(text) and not text[offsets[j][0]:offsets[j][1]].strip() for j in range(n)]
+    def blank(j: int) -> bool:  # white space only (ChatML's "\n" after <|im_end|>); asked only at a span's tail
+        return bool(text) and not text[offsets[j][0]:offsets[j][1]].strip()
+
     for a, b in spans:
         while k < n and offsets[k][0] < a:
             k += 1
