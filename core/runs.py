@@ -65,7 +65,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         p = p / METRICS
     rows: list[dict] = []
     try:
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped below
             for line in f:
                 if not line.endswith("\n"):
                     break  # the writer died mid-line
@@ -74,7 +74,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(row, dict):
                     rows.append(row)
@@ -212,7 +212,7 @@ class RunFolder:
         try:
             d = json.loads(self.status_path.read_text(encoding="utf-8"))
             return d if isinstance(d, dict) else {}
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
+        except (OSError, ValueError, RecursionError):  # missing, torn, not UTF-8, nested absurdly deep
             return {}
 
     def status(self) -> dict:
@@ -234,9 +234,11 @@ class RunFolder:
         name = st.get("name") or ""
         if not name:
             try:
-                name = json.loads(self.config_path.read_text(encoding="utf-8")).get("name") or ""
-            except (OSError, json.JSONDecodeError):
+                cfg = json.loads(self.config_path.read_text(encoding="utf-8"))
+                name = cfg.get("name") if isinstance(cfg, dict) else ""
+            except (OSError, ValueError, RecursionError):
                 name = ""
+        name = name if isinstance(name, str) else ""
         latest = self.checkpoints()
         return {
             "path": str(self.path), "name": name or self.path.name, "status": st.get("status", ""),

@@ -117,3 +117,9 @@ def read_json_object(path: str | os.PathLike, **kw) -> dict:
         raise StudioError(f"{kw.get('where') or path}: expected a JSON object, found "
                           f"{'a list' if isinstance(value, list) else type(value).__name__}")
     return value
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (a library's message can run to pages)."""
+    text = str(e).strip()
+    return (text.splitlines()[0][:limit] if text else "") or type(e).__name__

@@ -823,16 +823,33 @@ class Trainer:
         return folder
 
     def _load_checkpoint(self, folder: Path) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         import json
+
+        from core import safeio
 
         try:
             state = json.loads((folder / runs.CHECKPOINT_DONE).read_text(encoding="utf-8"))
             adapter = load_file(str(folder / "adapter.safetensors"))
             opt_tensors = load_file(str(folder / "optimizer.safetensors"))
             rng = load_file(str(folder / "rng.safetensors"))
-        except (OSError, ValueError) as e:
-            raise StudioError(f"checkpoint {folder}: unreadable ({e})", hint="delete it to resume from an older one")
+        except (OSError, ValueError, RecursionError, SafetensorError) as e:
+            raise StudioError(f"checkpoint {folder}: unreadable ({safeio.first_line(e)})",
+                              hint="delete it to resume from an older one") from None
+        try:
+            self._apply_checkpoint(folder, state, adapter, opt_tensors, rng)
+        except StudioError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+            # state.json or a tensor file that parses but does not hold what this trainer wrote
+            raise StudioError(f"checkpoint {folder}: damaged ({type(e).__name__}: {safeio.first_line(e)})",
+                              hint="delete it to resume from an older one") from None
+
+    def _apply_checkpoint(self, folder: Path, state, adapter, opt_tensors, rng) -> None:
+        """Put a checkpoint's adapter, optimizer, schedule and random states in place."""
+        if not isinstance(state, dict):
+            raise TypeError("state.json does not hold an object")
         if state["param_names"] != self.param_names:
             raise StudioError(f"checkpoint {folder}: its adapter has different modules than this configuration",
                               hint="resume with the run's own config.json")
