@@ -34,14 +34,18 @@ class ModelInfo:
 
 
 def _model_info(spec: str, trust_remote_code: bool, *, progress, cancelled) -> ModelInfo:
+    import sys
+
+    if "torch" not in sys.modules or "transformers" not in sys.modules:  # seconds, on the first start
+        progress(("Loading torch and transformers", 0.05))
     from core import models, targets
 
-    progress(("reading the model's configuration", 0.1))
+    progress(("Reading the model's configuration", 0.1))
     summary = models.summary(spec, trust_remote_code=trust_remote_code)
     if cancelled():
         return None
     config = models.load_config(spec, trust_remote_code=trust_remote_code)
-    progress(("listing the adaptable modules", 0.6))
+    progress(("Listing the adaptable modules", 0.6))
     meta = models.meta_model(spec, trust_remote_code=trust_remote_code)
     return ModelInfo(spec=spec, summary=summary, config=config, meta=meta,
                      targets=targets.list_targets(meta))
@@ -63,8 +67,9 @@ class StudioState(QObject):
       config_changed(str)       a part of ``config`` changed: "model", "lora", "data", "train", "all"
       model_info_changed(obj)   ModelInfo for the chosen model, or None while it is being read
       model_info_failed(str)    the chosen model cannot be read (one clear message)
-      model_progress(str, float) a model job's stage and fraction (first-use conversion); fraction
-                                1.0 when it is over
+      model_progress(str, float) a model job's stage and fraction: reading the chosen model's facts
+                                (a fraction below 0: no measure, a busy bar), then the first-use
+                                conversion; fraction 1.0 (message "") when it is over
       tokenizer_changed(obj)    the chosen model's tokenizer, or None while it is being read
       loaded_changed(obj)       core.models.LoadedModel, or None when unloaded
       library_changed()         an adapter was added, removed or renamed
@@ -133,6 +138,7 @@ class StudioState(QObject):
 
         info = workers.FunctionWorker(_model_info, spec, trust)
         self._info_worker = info
+        self._model_stage("Reading the model", -1.0)  # from the first frame, before torch has loaded
 
         def on_info(result, w=info):
             if w is self._info_worker and result is not None:
@@ -146,22 +152,26 @@ class StudioState(QObject):
         def on_fail(msg, w=info):
             if w is self._info_worker:
                 self._info_worker = None
+                self.model_progress.emit("", 1.0)
                 self.model_error = msg
                 self.model_info_failed.emit(msg)
                 self.show_error(msg)
 
         info.finished.connect(on_info)
         info.failed.connect(on_fail)
-        info.progress.connect(lambda p, w=info: w is self._info_worker and self.message.emit(p[0]))
+        info.progress.connect(lambda p, w=info: w is self._info_worker and self._model_stage(p[0], -1.0))
         workers.start(info, owner=self)
 
     def _start_tokenizer(self, spec: str, trust: bool) -> None:
         tok = workers.FunctionWorker(_tokenizer, spec, trust)
         self._tok_worker = tok
+        self.model_progress.emit("Reading the tokenizer", -1.0)
 
         def on_tok(result, w=tok):
             if w is self._tok_worker:
                 self._tok_worker = None
+                if self.model_info is not None and self.model_info.summary.get("kind") in ("default", "gguf"):
+                    self.model_info.summary["converted"] = True  # the tokenizer job converted it first
                 self.tokenizer = result
                 self.tokenizer_changed.emit(result)
                 self.message.emit("model ready")
@@ -184,6 +194,10 @@ class StudioState(QObject):
         tok.progress.connect(on_progress)
         tok.done.connect(on_done)
         workers.start(tok, owner=self)
+
+    def _model_stage(self, message: str, fraction: float) -> None:
+        self.model_progress.emit(message, fraction)
+        self.message.emit(f"{message}…")
 
     # -- the loaded model ------------------------------------------------------------------------
     def set_loaded(self, loaded) -> None:

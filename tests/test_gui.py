@@ -222,6 +222,37 @@ def test_model_page_summary_memory_and_list(window, qtbot, checkpoint):
     assert all(page.table.isRowHidden(r) for r in range(page.table.rowCount()))
 
 
+def test_first_start_says_what_is_happening_and_the_disk_label_follows(qtbot, tmp_path):
+    """From the first frame the Model page and the status bar say what is going on (a busy bar while
+    the model is read, a measured one while a GGUF converts, its text beside the bar where it has
+    room), and "converted on first use" becomes "converted" once it is."""
+    from test_models import write_tiny_gguf
+
+    from studio.app import MainWindow
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    w = MainWindow(background=False)
+    qtbot.addWidget(w)
+    w.resize(1200, 780)
+    w.state.config.model.source = str(gguf)
+    w.show()
+    w.show_page("model")
+    page = w.page("model")
+    stages = []
+    w.state.model_progress.connect(lambda m, f: stages.append((m, f)))
+    w.state.refresh_model_info()
+    assert page.progress.isVisible() and page.progress.maximum() == 0  # busy, at once
+    assert page.progress_label.text().startswith("Reading the model") and w.status_text.text()
+    _wait_until(qtbot, lambda: w.state.model_info is not None)
+    assert page.summary_labels["size_bytes"].text().endswith("converted on first use")
+    _wait_until(qtbot, lambda: w.state.tokenizer is not None)
+    assert any(m and 0 <= f < 1 for m, f in stages), stages  # the conversion had a measured bar
+    assert page.progress.format() == "%p%"  # the bar never carries the long text (it was clipped)
+    assert not page.progress.isVisible() and page.progress_label.text() == ""
+    assert page.summary_labels["size_bytes"].text().endswith(", converted")
+    w.close()
+
+
 def test_model_page_load_and_cancel(window, qtbot):
     page = window.page("model")
     with qtbot.waitSignal(window.state.loaded_changed, timeout=LONG):
@@ -281,6 +312,20 @@ def test_layers_presets_tree_and_pattern_edit_one_selection(window, qtbot):
     assert window.state.config.lora.targets == "all-linear"
     assert all(not page.leaves[n].checkState(0) == Qt.CheckState.Checked
                for n in (t.name for t in info.targets if t.is_head))
+
+
+def test_layers_pattern_placeholder_is_not_cut(window, qtbot, tmp_path):
+    window.resize(1200, 780)
+    window.show_page("layers")
+    page = window.page("layers")
+    qtbot.waitUntil(lambda: page.pattern.width() > 100)
+    qtbot.wait(20)
+    text = page.pattern.placeholderText()
+    room = page.pattern.contentsRect().width() - 2 * page.pattern.style().pixelMetric(
+        page.pattern.style().PixelMetric.PM_DefaultFrameWidth) - 8
+    assert page.pattern.fontMetrics().horizontalAdvance(text) <= room, (text, room)
+    assert "re:" in page.pattern.toolTip() and "Enter" in page.pattern.toolTip()
+    window.grab().save(str(tmp_path / "layers.png"))
 
 
 # -- Data page --------------------------------------------------------------------------------------

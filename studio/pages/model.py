@@ -211,6 +211,7 @@ class ModelPage(Page):
         load_row.addWidget(self.load_button)
         load_row.addWidget(self.cancel_button)
         load_row.addWidget(self.progress, 1)
+        load_row.addStretch(0)  # with the bar hidden, the button keeps its own width
 
         right = QWidget()
         rl = QVBoxLayout(right)
@@ -234,6 +235,7 @@ class ModelPage(Page):
         state.model_info_changed.connect(self._on_info)
         state.model_info_failed.connect(self._on_info_failed)
         state.model_progress.connect(self._on_model_progress)
+        state.tokenizer_changed.connect(self._on_tokenizer)
         state.config_changed.connect(self._on_config)
         state.data_summary_changed.connect(lambda *_: self.state.model_info and self._estimate_timer.start())
         state.loaded_changed.connect(self._on_loaded)
@@ -363,7 +365,10 @@ class ModelPage(Page):
             for lab in self.memory_labels.values():
                 lab.setText("…")
             return
-        s = info.summary
+        self._show_summary(info.summary)
+        self._estimate_timer.start()
+
+    def _show_summary(self, s: dict) -> None:
         for key, lab in self.summary_labels.items():
             v = s.get(key)
             if key == "parameters":
@@ -379,7 +384,10 @@ class ModelPage(Page):
             else:
                 text = "–" if v is None else str(v)
             lab.setText(text)
-        self._estimate_timer.start()
+
+    def _on_tokenizer(self, tok) -> None:
+        if tok is not None and self.state.model_info is not None:
+            self._show_summary(self.state.model_info.summary)  # "converted on first use" is now "converted"
 
     def _on_info_failed(self, message: str) -> None:
         for lab in self.summary_labels.values():
@@ -462,8 +470,10 @@ class ModelPage(Page):
         self._load_worker = w
         self.load_button.setEnabled(False)
         self.cancel_button.show()
+        self.progress.setRange(0, 1000)  # the model jobs' busy bar may have left it without a measure
         self.progress.show()
         self.progress.setValue(0)
+        self.progress_label.setText("Loading the model…")
         w.progress.connect(self._on_load_progress)
         w.finished.connect(self._on_load_finished)
         w.failed.connect(self._on_load_failed)
@@ -479,7 +489,7 @@ class ModelPage(Page):
     def _on_load_progress(self, p) -> None:
         message, fraction = p
         self.progress.setValue(int(1000 * fraction))
-        self.progress.setFormat(f"{message} (%p%)")
+        self.progress_label.setText(f"{message[:1].upper()}{message[1:]}…")  # the bar keeps to its %
 
     def _on_load_finished(self, loaded) -> None:
         self.state.set_loaded(loaded)
@@ -492,7 +502,6 @@ class ModelPage(Page):
 
     def _load_done(self) -> None:
         self._load_worker = None
-        self.progress.setFormat("%p%")
         self.load_button.setEnabled(True)
         self.cancel_button.hide()
         self.progress.hide()
@@ -503,18 +512,24 @@ class ModelPage(Page):
             self.progress_label.setText("")
 
     def _on_model_progress(self, message: str, fraction: float) -> None:
-        """First-use conversion of a GGUF (the default) reported by the state's tokenizer job."""
+        """What the state's model jobs are doing, from the first frame: loading torch, reading the
+        model (a busy bar: fraction < 0), converting a GGUF (the default) once (a measured bar)."""
         if self._load_worker is not None:
             return
         if fraction >= 1.0 or not message:
             self.progress.hide()
-            self.progress.setFormat("%p%")
+            self.progress.setRange(0, 1000)
             self.progress_label.setText("")
             return
         self.progress.show()
+        if fraction < 0:
+            self.progress.setRange(0, 0)  # busy: no measure of how far
+            self.progress_label.setText(f"{message}…")
+            return
+        self.progress.setRange(0, 1000)
         self.progress.setValue(int(1000 * fraction))
-        self.progress.setFormat(f"Preparing the model, once: {message} (%p%)")
-        self.progress_label.setText("The model is converted to safetensors on first use; later starts take seconds")
+        self.progress_label.setText(f"Converting the model to safetensors, once (later starts take seconds): "
+                                    f"{message}")
 
     # -- settings ---------------------------------------------------------------------------------
     def save_settings(self, s) -> None:
