@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QFileDialo
                                QVBoxLayout, QWidget)
 
 from studio import workers
+from studio.messages import rephrase
 from studio.pages import Page, setting
 from studio.pages.library_table import (ALL_BASES, COLUMN, COLUMNS, Compat, LibraryFilter,  # noqa: F401
                                         LibraryTableModel, LibraryTableView, _created, _targets,
@@ -521,10 +522,10 @@ class LibraryPage(Page):
             self.compat_label.setText("Checking whether it fits the loaded model…")
         elif c.problems:
             self.compat_label.setText("<span style='color:#C0392B'><b>Does not fit the loaded model:</b> "
-                                      + _html("; ".join(c.problems)) + "</span>")
+                                      + _html(rephrase("; ".join(c.problems))) + "</span>")
         elif c.warnings:
             self.compat_label.setText("<span style='color:#C77700'><b>Fits, with a warning:</b> "
-                                      + _html("; ".join(c.warnings)) + "</span>")
+                                      + _html(rephrase("; ".join(c.warnings))) + "</span>")
         else:
             self.compat_label.setText("Fits the loaded model.")
 
