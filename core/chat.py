@@ -244,3 +244,46 @@ def answer_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
     if not spans:
         raise TemplateProblem("the chat template does not render this conversation as prompt + answer")
     return full, spans
+
+
+def rendering_record(tokenizer, choice: str | None) -> dict:
+    """What a trained adapter's ``studio.json`` records (under ``dataset``) about how its
+    conversations were rendered, so that generation can render prompts the same way:
+    ``{"chat_template": "model" | "plain" | "chatml" | "file"}``, and for a file its Jinja text
+    (``chat_template_text``: the file may be gone by the time the adapter is used)."""
+    choice = choice or "auto"
+    if choice == "auto":
+        return {"chat_template": "model" if has_template(tokenizer) else "plain"}
+    if choice in CHOICES:
+        return {"chat_template": choice}
+    return {"chat_template": "file", "chat_template_text": _read_template_file(choice)}
+
+
+def tokenizer_as_trained(tokenizer, dataset: dict | None):
+    """``tokenizer`` rendering conversations as the adapter whose ``studio.json`` ``dataset`` is
+    ``dataset`` was trained (see :func:`rendering_record`); None when the adapter records nothing
+    (written by PEFT or before this was recorded)."""
+    kind = (dataset or {}).get("chat_template")
+    if kind == "model":
+        return tokenizer
+    if kind in ("plain", "chatml"):
+        return with_template(tokenizer, kind)
+    text = (dataset or {}).get("chat_template_text")
+    if kind == "file" and isinstance(text, str) and text:
+        tok = copy.copy(tokenizer)
+        tok.chat_template = text
+        return tok
+    return None
+
+
+def tokenizer_for_adapter(tokenizer, folder) -> Any:
+    """:func:`tokenizer_as_trained` for the adapter in ``folder`` (its ``studio.json``); None when the
+    folder records nothing about it or cannot be read."""
+    import json
+
+    try:
+        studio = json.loads((Path(folder) / "studio.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    dataset = studio.get("dataset") if isinstance(studio, dict) else None
+    return tokenizer_as_trained(tokenizer, dataset if isinstance(dataset, dict) else None)

@@ -63,13 +63,17 @@ def has_chat_template(tokenizer) -> bool:
     return has_template(tokenizer)
 
 
-def format_prompt(tokenizer, prompt, *, chat: bool | None = None, system: str | None = None) -> list[int]:
+def format_prompt(tokenizer, prompt, *, chat: bool | None = None, system: str | None = None,
+                  as_trained: bool = False) -> list[int]:
     """The token ids the model sees for ``prompt``.
 
     ``prompt`` is a string or a list of chat messages (``{"role", "content"}``). With a chat template
     (and ``chat`` not False) a string becomes one user turn, ``system`` becomes a system turn before
     it, and the template's generation prompt (``<|im_start|>assistant\\n`` for ChatML) is appended, as
-    the model saw its turns in training. Without a template, messages are joined as plain text.
+    the model saw its turns in training. Without a template, messages are joined as plain text, unless
+    ``as_trained``: then the prompt is exactly what training put before an answer (``core.data``'s
+    plain ``### Instruction`` / ``### Response`` template for a tokenizer without one), for an
+    adapter trained that way (``core.chat.tokenizer_as_trained``).
     """
     use_chat = has_chat_template(tokenizer) if chat is None else (chat and has_chat_template(tokenizer))
     if isinstance(prompt, str):
@@ -80,7 +84,11 @@ def format_prompt(tokenizer, prompt, *, chat: bool | None = None, system: str | 
             raise StudioError("each chat message needs a 'role' and a 'content'")
     if system:
         messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
-    if use_chat:
+    if as_trained:
+        from core import data
+
+        ids = data.prompt_ids(tokenizer, messages)
+    elif use_chat:
         # Render to text and tokenize it ourselves: apply_chat_template(tokenize=True) returns a list
         # in transformers 4 and a BatchEncoding in 5. The template already holds the special tokens.
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -149,7 +157,7 @@ def generate_with_details(model: nn.Module, tokenizer, prompt, *, max_new_tokens
                           temperature: float = 0.7, top_p: float = 0.9, greedy: bool = False,
                           seed: int | None = 0, chat: bool | None = None, system: str | None = None,
                           stop: Callable[[], bool] | None = None,
-                          on_token: Callable[[str], None] | None = None) -> Generation:
+                          on_token: Callable[[str], None] | None = None, as_trained: bool = False) -> Generation:
     """Generate an answer to ``prompt`` (a string or chat messages), calling ``on_token(piece)`` with
     each new piece of text as it is decoded and ``stop()`` before each forward pass.
 
@@ -162,7 +170,7 @@ def generate_with_details(model: nn.Module, tokenizer, prompt, *, max_new_tokens
     if not (0 < top_p <= 1):
         raise StudioError(f"top-p must be in (0, 1] (got {top_p})")
     started = time.perf_counter()
-    ids = format_prompt(tokenizer, prompt, chat=chat, system=system)
+    ids = format_prompt(tokenizer, prompt, chat=chat, system=system, as_trained=as_trained)
     limit = _context_length(model)
     if limit is not None:
         if len(ids) >= limit:

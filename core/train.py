@@ -417,7 +417,7 @@ class Trainer:
             return self._stopped_early()
 
         # data
-        from core import data
+        from core import chat, data
 
         self._status("tokenizing", "reading and tokenising the dataset", 0.0)
         try:
@@ -437,6 +437,7 @@ class Trainer:
             "format": prepared.format, "fields": prepared.fields,
             "examples": prepared.stats.get("examples"), "train_examples": prepared.stats.get("train_examples"),
             "val_examples": prepared.stats.get("val_examples"), "truncated": prepared.truncated,
+            **chat.rendering_record(tokenizer, cfg.data.chat_template),  # how prompts must be rendered
         }
         # trained tokens per example after the one-token shift (labels[1:]), from the CPU arrays
         cs = np.concatenate([[0], np.cumsum(self.train_set.trained, dtype=np.int64)])

@@ -117,3 +117,35 @@ def test_data_page_offers_the_choice_when_the_model_has_no_template(qtbot):
     assert state.config.data.chat_template == "chatml" and page.template_note.text() == ""
     qtbot.waitUntil(lambda: bool(page.inspected and page.inspected.get("pieces")
                                  and page.inspected["pieces"][0][0].startswith("<|im_start|>")), timeout=60_000)
+
+
+def test_the_playground_prompts_an_adapter_the_way_it_was_trained(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core import models
+    from core.train import Trainer
+    from studio.pages.playground import generate_answers
+
+    ckpt = tiny_checkpoint(tmp_path / "gpt2", arch="gpt2", chat_template=False)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    tok = models.load_tokenizer(str(ckpt))
+    question = [{"role": "user", "content": "Add 1 and 2."}]
+    for choice, want in (("chatml", data.prompt_ids(chat.with_template(tok, "chatml"), question)),
+                         ("auto", data.prompt_ids(tok, question))):  # no template: the plain one, as trained
+        cfg = RunConfig()
+        cfg.model.source, cfg.model.device = str(ckpt), "cpu"
+        cfg.data.path, cfg.data.chat_template = str(path), choice
+        cfg.lora.rank, cfg.lora.targets = 2, "c_attn"
+        cfg.train.steps, cfg.train.batch_size, cfg.train.save_every = 1, 2, 0
+        cfg.out = str(tmp_path / choice)
+        folder = Trainer(cfg).run().adapter
+        recorded = json.loads((folder / "studio.json").read_text())["dataset"]["chat_template"]
+        assert recorded == ("chatml" if choice == "chatml" else "plain")
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        base, adapted = generate_answers(model, tok, "Add 1 and 2.", [None, {"name": "a", "folder": folder}],
+                                         {"max_new_tokens": 1, "greedy": True}, progress=lambda _: None,
+                                         cancelled=lambda: False)
+        assert adapted.prompt_tokens == len(want) != base.prompt_tokens  # the base model continues plain text
+        assert base.prompt_tokens == len(generate.format_prompt(tok, "Add 1 and 2."))

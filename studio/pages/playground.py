@@ -40,7 +40,7 @@ def generate_answers(model, tokenizer, prompt: str, choices: list[dict | None], 
     ``("token", i, piece)``, ``("done", i, Generation)``.
     """
     from core import adapter as adapter_io
-    from core import lora
+    from core import chat, lora
     from core.generate import generate_with_details
 
     for choice in choices:
@@ -55,7 +55,9 @@ def generate_answers(model, tokenizer, prompt: str, choices: list[dict | None], 
                 break
             lora.set_active_adapters(model, [] if choice is None else [choice["name"]])
             progress(("start", i))
-            g = generate_with_details(model, tokenizer, prompt, stop=cancelled,
+            # an adapter trained on plain text or a chosen template is prompted the way it was trained
+            trained = chat.tokenizer_for_adapter(tokenizer, choice["folder"]) if choice and choice.get("folder") else None
+            g = generate_with_details(model, trained or tokenizer, prompt, stop=cancelled, as_trained=trained is not None,
                                       on_token=lambda piece, i=i: progress(("token", i, piece)), **settings)
             progress(("done", i, g))
             results.append(g)
