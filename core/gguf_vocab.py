@@ -262,7 +262,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _probe(tokenizer) -> str:
-    specials = [t for t in tokenizer.get_added_vocab()]
+    specials = [t for t in tokenizer.get_added_vocab() if not (len(t) == 6 and t.startswith("<0x"))]
     return PROBE_TEXT + "".join(f"{s} x{s}" for s in specials)
 
 

@@ -320,3 +320,68 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
                                                              "factor": 4.0, "original_max_position_embeddings": 64})
     with pytest.raises(StudioError, match="'yarn' rope scaling"):
         gguf_export.export_gguf(str(ckpt), type_name="f16", out=tmp_path / "out")
+
+
+# -- SentencePiece-style tokenizers (Llama 2, Mistral, Gemma, Phi-3) ------------------------------------
+
+def spm_tokenizer():
+    """A tiny BPE tokenizer with byte fallback and ▁ for spaces, as Llama 2 / Phi-3 ship it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    from conftest import _CORPUS
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              add_bos_token=True)
+    fast.chat_template = PHI3
+    return fast
+
+
+def test_sentencepiece_style_tokenizer_round_trip(tmp_path):
+    ckpt = tmp_path / "ck"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("phi3", vocab_size=416, eos_token_id=2, pad_token_id=0)).eval()
+    model.save_pretrained(ckpt)
+    spm_tokenizer().save_pretrained(ckpt)
+    report = gguf_export.export_gguf(str(ckpt), type_name="f16", out=tmp_path / "out")
+    tok = report["verify"]["tokenizer"]
+    assert tok["model"] == "llama" and tok["same_ids"] and tok["add_bos"]
+    meta = gguf_vocab.read_metadata(Path(report["out"]))
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.bos_token_id"] == 1
+    assert "TEMPLATE" in Path(report["modelfile"]).read_text()  # Phi-3's template, translated
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+def test_cli_export_gguf_writes_the_file_and_the_modelfile(tmp_path, capsys):
+    from studio import cli
+
+    ckpt = make_checkpoint(tmp_path / "ck")
+    ad = lora_adapter(tmp_path / "ad", ckpt)
+    code = cli.run(["export-gguf", "--model", str(ckpt), "--adapter", str(ad), "--type", "f16", "--out",
+                    str(tmp_path / "out"), "--name", "mine.gguf", "--system", "Be brief.", "--temperature", "0.3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verified: logits within" in out and "same" in out
+    assert gguf_files(tmp_path / "out") == ["Modelfile", "mine.gguf"]
+    text = (tmp_path / "out" / "Modelfile").read_text()
+    assert "FROM ./mine.gguf" in text and "PARAMETER temperature 0.3" in text
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from studio import cli
+
+    ckpt = make_checkpoint(tmp_path / "ck")
+    capsys.readouterr()
+    assert cli.run(["export-gguf", "--model", str(ckpt), "--type", "q9", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --type q9: not one of") and "\n" not in err
+    assert cli.run(["export-gguf", "--model", str(ckpt), "--adapter-only", "--out", str(tmp_path / "o")]) == 1
+    assert "--adapter-only: give the adapter" in capsys.readouterr().err
