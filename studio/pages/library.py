@@ -42,6 +42,7 @@ from studio.pages.library_table import (ALL_BASES, COLUMN, COLUMNS, Compat, Libr
 from studio.widgets import format_bytes
 from studio.widgets.combine_dialog import CombineDialog
 from studio.widgets.export_dialog import MergedExportDialog
+from studio.widgets import gguf_dialog
 
 
 # -- jobs (run in worker threads) -------------------------------------------------------------------
@@ -255,6 +256,9 @@ class LibraryPage(Page):
                                            "selected adapter(s) merged in", self.export_merged_selected)
         self.export_button = button("Export adapter…", "Save this adapter as a PEFT folder or a zip",
                                     self.export_selected)
+        self.export_gguf_button = button("Export GGUF…", "GGUF for llama.cpp / Ollama: the model with the selected "
+                                         "adapter(s) merged in, or the adapter alone, and a Modelfile",
+                                         lambda: gguf_dialog.export_from_library(self))
         self.import_button = QPushButton("Import")
         self.import_button.setToolTip("Add an adapter (ours or PEFT's) from a folder or a zip")
         menu = QMenu(self.import_button)
@@ -271,7 +275,8 @@ class LibraryPage(Page):
         model_actions.addStretch(1)
         library_actions = QHBoxLayout()
         library_actions.addWidget(QLabel("Library:"))
-        for b in (self.combine_button, self.export_merged_button, self.export_button, self.import_button,
+        for b in (self.combine_button, self.export_merged_button, self.export_gguf_button, self.export_button,
+                  self.import_button,
                   self.rename_button, self.delete_button):
             library_actions.addWidget(b)
         library_actions.addStretch(1)
@@ -713,6 +718,7 @@ class LibraryPage(Page):
             b.setToolTip(tip if ok or not reason else f"{tip}\n({reason})")
         self.combine_button.setEnabled(idle and len(selected) >= 2)
         self.export_merged_button.setEnabled(idle and len(selected) >= 1)
+        self.export_gguf_button.setEnabled(idle and len(selected) >= 1)
         self.export_button.setEnabled(idle and one is not None)
         self.rename_button.setEnabled(idle and one is not None)
         self.delete_button.setEnabled(idle and bool(selected) and not (
