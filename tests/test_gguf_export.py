@@ -385,3 +385,59 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert err.startswith("error: --type q9: not one of") and "\n" not in err
     assert cli.run(["export-gguf", "--model", str(ckpt), "--adapter-only", "--out", str(tmp_path / "o")]) == 1
     assert "--adapter-only: give the adapter" in capsys.readouterr().err
+
+
+# -- the window ---------------------------------------------------------------------------------------
+
+def test_dialog_shows_size_free_space_and_how_to_get_k_quants(qtbot, tmp_path, monkeypatch):
+    from studio.widgets import gguf_dialog
+
+    monkeypatch.setattr(gguf_dialog, "k_quants_available", lambda: False)
+    d = gguf_dialog.GgufExportDialog(str(tmp_path / "x"), parameters=134_515_008, adapter_parameters=2_442_240,
+                                     playground={"system": "Be brief.", "temperature": 0.2, "top_p": 0.8})
+    qtbot.addWidget(d)
+    assert d.type.currentData() == "q8_0" and "136.3 MiB" in d.size.text() and "free" in d.size.text()
+    k = d.type.findData("q4_k_m")
+    assert not d.type.model().item(k).isEnabled() and "lora-studio[gguf-k]" in d.k_note.text()
+    d.what.setCurrentIndex(1)  # the adapter alone: 4.7 MiB of F16
+    assert "4.7 MiB" in d.size.text() and not d.type.isEnabled()
+    v = d.values()
+    assert v["adapter_only"] and v["system"] == "Be brief." and v["sampling"] == {"temperature": 0.2, "top_p": 0.8}
+
+
+def test_library_export_gguf_runs_as_a_job_and_cancel_leaves_nothing(qtbot, tmp_path, monkeypatch):
+    import pytestqt  # noqa: F401  (a missing module fails, never skips)
+
+    from core.library import Library
+    from studio.pages.library import LibraryPage
+    from studio.state import StudioState
+    from studio.widgets import gguf_dialog
+
+    ckpt = make_checkpoint(tmp_path / "ck")
+    Library().add_folder(lora_adapter(tmp_path / "ad", ckpt), name="mine")
+    state = StudioState()
+    state.config.model.source = str(ckpt)
+    state.config.model.device = "cpu"
+    page = LibraryPage(state)
+    qtbot.addWidget(page)
+    page.show()
+    out = tmp_path / "gguf"
+    values = {"out": str(out), "type": "f16", "adapter_only": False, "system": None,
+              "sampling": {"temperature": 0.5}, "ollama_name": None}
+    monkeypatch.setattr(gguf_dialog, "ask", lambda dialog: dict(values))
+    qtbot.waitUntil(lambda: page.check_worker is None, timeout=30_000)
+    page.select_name("mine")
+    assert page.export_gguf_button.isEnabled()
+    page.export_gguf_button.click()
+    assert page.job is not None and page.job_row.isVisible()
+    qtbot.waitUntil(lambda: page.job is None, timeout=120_000)
+    assert page.last_report["verify"]["ok"] and Path(page.last_report["out"]).parent == out
+    assert "PARAMETER temperature 0.5" in (out / "Modelfile").read_text()
+
+    values["out"] = str(tmp_path / "cancelled")
+    page.export_gguf_button.click()
+    with qtbot.waitSignal(page.job.cancelled, timeout=60_000):
+        page.job_cancel.click()
+    qtbot.waitUntil(lambda: page.job is None, timeout=60_000)
+    assert not (tmp_path / "cancelled").exists()
+    page.shutdown()
