@@ -198,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     state.refresh_model_info()
     shots: list[Path] = []
 
-    def shot(key: str, suffix: str = "") -> None:
+    def shot(key: str, suffix: str = "", widget=None) -> None:
         settle(app)
         path = out / f"{len(shots) + 1:02d}-{key}{suffix}.png"
-        image = window.grab().toImage()
+        image = (widget or window).grab().toImage()
         if args.palette:
             image = palette_image(image)
         image.save(str(path), "PNG", 0)
@@ -246,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     library.tabs.setCurrentWidget(library.delta)
     wait_until(app, lambda: library.analysis_worker is None, 300, "the ΔW analysis")
     shot("library", "-delta")
+    from studio.widgets import gguf_dialog
+
+    entry = next(e for e in library.model.entries if e.name == RUNS[0][0])
+    dialog = gguf_dialog.GgufExportDialog(str(Path.home() / f"SmolLM2-135M-Instruct-{entry.name}-gguf"),
+                                          parameters=(state.model_info.summary or {}).get("parameters"),
+                                          adapter_parameters=entry.trainable_params,
+                                          playground=gguf_dialog.playground_settings(library), parent=window)
+    dialog.show()
+    shot("export-gguf", widget=dialog)
+    dialog.close()
 
     compare = window.page("compare")
     if compare is not None:
