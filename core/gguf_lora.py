@@ -5,9 +5,10 @@ The layout is llama.cpp's ``convert_lora_to_gguf.py``: ``general.type = adapter`
 lora``, ``adapter.lora.alpha``, and for each adapted matrix ``<gguf name>.lora_a`` (r × in) and
 ``<gguf name>.lora_b`` (out × r). llama.cpp scales each pair by alpha / r (r read from lora_a), so
 each module's own scaling (and the weight of each adapter in a combination, where the pairs are
-concatenated: rank Σ r_i, exactly the weighted sum of the ΔW's) is folded into B, and alpha is
-written as the rank (1 when the ranks differ, in which case llama.cpp's scale is alpha/r per module:
-the fold then uses it). For the llama family, B's rows get the same permutation as q_proj and k_proj.
+concatenated: rank Σ r_i, exactly the weighted sum of the ΔW's) is folded into B; alpha is written
+as the rank when every module has the same one (llama.cpp's alpha / r is then 1) and as 0 otherwise
+(llama.cpp then applies B·A unscaled). For the llama family, B's rows get the same permutation as
+q_proj and k_proj.
 
 Proof before it is moved into place: the pairs are read back with gguf's reader, B un-permuted by
 transformers' own inverse, and the base model with each ΔW = scale · B·A added is compared on fixed
