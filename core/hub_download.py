@@ -60,14 +60,14 @@ class DownloadProgress:
 
 
 def _size(n: float) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):  # as the window writes sizes
         if n >= div:
             return f"{n / div:.1f} {unit}"
     return f"{int(n)} B"
 
 
 def describe(p: DownloadProgress) -> str:
-    """``model.safetensors: 12.3 MB of 988.1 MB at 4.1 MB/s, 3 min 57 s left``."""
+    """``model.safetensors: 12.3 MiB of 942.4 MiB at 4.1 MiB/s, 3 min 47 s left``."""
     text = f"{p.file}: {_size(p.done)} of {_size(p.total)}"
     if p.speed > 0:
         text += f" at {_size(p.speed)}/s"

@@ -36,6 +36,9 @@ class HubRepo:
     repo_type: str = "model"
     gated: bool = False
     commit: str = ""
+    listed: dict[str, int] = field(default_factory=dict)
+    """Sizes the listing gives instead of the real ones (a repo that only shows a real model's config
+    and file sizes, for a fit check; its weights are never fetched)."""
 
     def __post_init__(self):
         if not self.commit:
@@ -46,10 +49,11 @@ class HubRepo:
 
     def entry(self, name: str) -> dict:
         data = self.files[name]
-        out = {"type": "file", "path": name, "size": len(data),
+        size = self.listed.get(name, len(data))
+        out = {"type": "file", "path": name, "size": size,
                "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
         if name.endswith(LFS_SUFFIXES):
-            out["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            out["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
         return out
 
     def etag(self, name: str) -> str:
