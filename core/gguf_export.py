@@ -251,6 +251,8 @@ def export_gguf(spec, adapters: Sequence[str | os.PathLike] = (), weights: Seque
     model_name = models.resolve(spec).name
     fname = name if name and name.endswith(".gguf") else file_name(name or model_name,
                                                                      [f.name for f in folders], type_name)
+    if out.exists() and not out.is_dir():
+        raise StudioError(f"--out {out}: a file, not a folder; give the folder to write into")
     target, modelfile = out / fname, out / "Modelfile"
     for p in (target, modelfile):
         if p.exists():

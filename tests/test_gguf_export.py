@@ -441,3 +441,10 @@ def test_library_export_gguf_runs_as_a_job_and_cancel_leaves_nothing(qtbot, tmp_
     qtbot.waitUntil(lambda: page.job is None, timeout=60_000)
     assert not (tmp_path / "cancelled").exists()
     page.shutdown()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ck")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StudioError, match="a file, not a folder"):
+        gguf_export.export_gguf(str(ckpt), type_name="f16", out=tmp_path / "f")
