@@ -622,7 +622,11 @@ def read(path: str | os.PathLike, *, format: str = "auto", fields: Mapping[str, 
     if ds.num_rows == 0:
         raise StudioError(f"{path}: the file has no examples")
     columns = list(ds.column_names)
-    first = ds[0]
+    try:
+        first = ds[0]
+    except (ValueError, OSError) as e:  # a damaged arrow file (save_to_disk): bad UTF-8, torn buffers
+        raise StudioError(f"{path}: the first row cannot be read ({safeio.first_line(e)})",
+                          hint="write the dataset again") from None
     fmt, mapping = resolve_fields(format, columns, fields, first, where=str(path))
     return Source(path=path, dataset=ds, format=fmt, fields=mapping, columns=columns, rows=ds.num_rows,
                   notes=notes)
@@ -971,7 +975,11 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
         if cancel is not None and cancel():
             raise Cancelled("tokenising cancelled")
         stop = min(n, start + CHUNK)
-        batch = source.dataset[start:stop]  # columns -> lists, only for this chunk
+        try:
+            batch = source.dataset[start:stop]  # columns -> lists, only for this chunk
+        except (ValueError, OSError) as e:  # a damaged arrow file (save_to_disk): bad UTF-8, torn buffers
+            raise StudioError(f"{source.path}: rows {start + 1}-{stop} cannot be read ({safeio.first_line(e)})",
+                              hint="write the dataset again") from None
         rows = [{c: batch[c][i] for c in batch} for i in range(stop - start)]
         for i, result in enumerate(_encode_many(rows, tokenizer, source.format, source.fields,
                                                 max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)):

@@ -711,7 +711,9 @@ def _tokenizer_from_folder(ref: ModelRef, folder: Path, trust_remote_code: bool 
         raise StudioError(f"--model {ref.spec}: cannot load the tokenizer from {folder} ({_first_line(e)})",
                           hint=hint) from None
     _ensure_pad_token(tok)
-    if tok.model_max_length is None or tok.model_max_length > 10**8:
+    if not isinstance(tok.model_max_length, int) or isinstance(tok.model_max_length, bool):
+        tok.model_max_length = int(1e30)  # tokenizer_config.json's value was not a number: "no limit" as HF says it
+    if tok.model_max_length > 10**8:
         try:
             raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
             ctx = raw.get("max_position_embeddings") or raw.get("n_positions")

@@ -38,6 +38,12 @@ def run(argv: list[str]) -> int:
     except StudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # the system refused a path a file or option named (too long, no permission, disk full): one line
+        # naming it; found by the fuzz suite (a config.json whose data path is 5,000 characters long)
+        where = f"{str(e.filename)[:200]}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 130
