@@ -208,6 +208,29 @@ def _k_quantize(src: Path, dst: Path, type_name: str) -> None:
 
 # -- the whole export ----------------------------------------------------------------------------------
 
+def destination(out: Path, fname: str) -> tuple[Path, Path]:
+    """``out/fname`` and ``out/Modelfile``, refused when either exists (or ``out`` is a file)."""
+    if out.exists() and not out.is_dir():
+        raise StudioError(f"--out {out}: a file, not a folder; give the folder to write into")
+    target, modelfile = out / fname, out / "Modelfile"
+    for p in (target, modelfile):
+        if p.exists():
+            raise StudioError(f"--out {out}: {p.name} already exists there; choose another folder or remove it")
+    return target, modelfile
+
+
+def check_space(out: Path, params: int, type_name: str, *, merging: bool) -> None:
+    """Refuse when the folder's disk cannot hold the file, the fp32 merged model staged beside it and,
+    for a K-quant, the F16 file it is made from."""
+    need = expected_size(params, type_name) + (params * 4 if merging else 0)
+    if type_name in K_TYPES:
+        need += expected_size(params, "f16")
+    free = free_space(out)
+    if free < need:
+        raise StudioError(f"--out {out}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB "
+                          "(the file and its temporary merged model); free some space or choose another folder")
+
+
 def _merged_folder(spec, adapters, weights, combine, rank, quantize, type_name, stage, say) -> Path:
     """The checkpoint the GGUF is made from: the base itself, or the adapters merged in by
     core.export.export_merged (verified there, to 1e-4) into the staging folder in fp32, so the GGUF
@@ -248,23 +271,11 @@ def export_gguf(spec, adapters: Sequence[str | os.PathLike] = (), weights: Seque
         return gguf_lora.export_lora(spec, folders, weights, out=out, name=name, system=system, sampling=sampling,
                                      progress=progress, cancelled=cancelled)
     out = Path(out).expanduser()
-    model_name = models.resolve(spec).name
-    fname = name if name and name.endswith(".gguf") else file_name(name or model_name,
+    fname = name if name and name.endswith(".gguf") else file_name(name or models.resolve(spec).name,
                                                                      [f.name for f in folders], type_name)
-    if out.exists() and not out.is_dir():
-        raise StudioError(f"--out {out}: a file, not a folder; give the folder to write into")
-    target, modelfile = out / fname, out / "Modelfile"
-    for p in (target, modelfile):
-        if p.exists():
-            raise StudioError(f"--out {out}: {p.name} already exists there; choose another folder or remove it")
+    target, modelfile = destination(out, fname)
     params = parameter_count(spec)
-    need = expected_size(params, type_name) + (params * 4 if folders else 0)
-    if type_name in K_TYPES:
-        need += expected_size(params, "f16")
-    free = free_space(out)
-    if free < need:
-        raise StudioError(f"--out {out}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB "
-                          "(the file and its temporary merged model); free some space or choose another folder")
+    check_space(out, params, type_name, merging=bool(folders))
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

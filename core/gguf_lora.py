@@ -155,12 +155,7 @@ def export_lora(spec: str, folders: Sequence[Path], weights, *, out, name: str |
     fname = name if name and name.endswith(".gguf") else gguf_export.file_name(
         name or ref.name, [f.name for f in folders], "f16", adapter_only=True)
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise StudioError(f"--out {out}: a file, not a folder; give the folder to write into")
-    target, modelfile = out / fname, out / "Modelfile"
-    for p in (target, modelfile):
-        if p.exists():
-            raise StudioError(f"--out {out}: {p.name} already exists there; choose another folder or remove it")
+    target, modelfile = gguf_export.destination(out, fname)
 
     def say(message: str, fraction: float) -> None:
         if cancelled is not None and cancelled():
