@@ -105,3 +105,39 @@ def results_csv(results: dict) -> str:
                 "" if v == "" else f"{v:.6g}" for v in lo_hi]
         w.writerow(row)
     return buf.getvalue()
+
+
+def example_rows(result: EvalResult, metric: str) -> list[dict]:
+    """The table of examples the window shows: per example its row, prompt, reference, each system's
+    answer and per-example ``metric`` score, and ``delta``: the best adapter's score minus the base's
+    (None without a base or a score), by which a person sorts to see where the adapter wins and fails."""
+    names = [s.name for s in result.systems]
+    rows = []
+    for i, ex in enumerate(result.examples):
+        scores = {s.name: (s.per_example.get(metric) or [None] * len(result.examples))[i] for s in result.systems}
+        others = [scores[n] for n in names if n != "base" and scores[n] is not None]
+        base = scores.get("base")
+        delta = (max(others) - base) if others and base is not None else None
+        rows.append({"row": ex.row, "prompt": ex.prompt, "reference": ex.reference,
+                     "answers": {s.name: s.predictions[i] for s in result.systems}, "scores": scores,
+                     "delta": delta})
+    return rows
+
+
+def store_in_library(result: EvalResult, data: str) -> list[Path]:
+    """Keep each adapter's scores beside it in the library (``evaluation.json`` in its entry folder,
+    with the base's scores on the same examples for comparison); adapters outside the library are
+    left alone. Returns the files written."""
+    from core.library import ENTRY_FILE
+
+    base = next((s for s in result.systems if s.adapter is None), None)
+    written = []
+    for s in result.systems:
+        if s.adapter is None or not (Path(s.adapter) / ENTRY_FILE).is_file():
+            continue
+        path = Path(s.adapter) / "evaluation.json"
+        atomic.write_json(path, {"data": data, "examples": len(result.examples), "scores": s.scores,
+                                 "intervals": s.intervals, "base_scores": base.scores if base else None,
+                                 "settings": result.settings})
+        written.append(path)
+    return written

@@ -94,7 +94,7 @@ def test_sidebar_order_and_shortcuts(qtbot):
     qtbot.waitUntil(w.isActiveWindow)  # shortcuts work in the active window
     keys = [p.KEY for p in w.pages]
     assert keys[:4] == ["model", "layers", "data", "train"]
-    order = ["model", "layers", "data", "train", "library", "compare", "playground"]
+    order = ["model", "layers", "data", "train", "library", "compare", "playground", "evaluate"]
     assert [k for k in order if k in keys] == keys
     qtbot.keyClick(w, Qt.Key.Key_3, Qt.KeyboardModifier.ControlModifier)
     assert w.stack.currentWidget() is w.page("data")

@@ -30,7 +30,7 @@ from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QWidget
 
 # In sidebar order. "compare" (compare runs) sits right after the library.
-MODULES = ("model", "layers", "data", "train", "library", "compare", "playground")
+MODULES = ("model", "layers", "data", "train", "library", "compare", "playground", "evaluate")
 
 
 class Page(QWidget):
