@@ -219,6 +219,22 @@ def _fail(what: str, c: dict, tol: float, out: Path) -> StudioError:
         f"{100 * c['top1_agreement']:.1f}%); nothing was written to {out}")
 
 
+def _tokenizer_as_trained(tokenizer, files, warnings: list[str]):
+    """The tokenizer to write: with the chat template the adapters were trained with when they all
+    name one other than its own (ChatML or a template file chosen for a model without a template,
+    ``core.chat``), so the merged model is chatted with as it learned; else as it is."""
+    from core import chat
+
+    trained = [chat.tokenizer_as_trained(tokenizer, f.studio.get("dataset")) for f in files]
+    templates = {getattr(t, "chat_template", None) for t in trained if t is not None}
+    if tokenizer is None or len(templates) != 1 or None in templates or len(trained) != len(files) \
+            or None in trained or templates == {getattr(tokenizer, "chat_template", None)}:
+        return tokenizer
+    warnings.append("the exported tokenizer carries the chat template the adapter was trained with "
+                    f"({chat.template_style(next(iter(templates))) or 'a chosen template'}), not the base model's")
+    return trained[0]
+
+
 def _trained_quantization(files, quantize: str | None) -> str:
     """``--quantize`` if given, else what the adapters' provenance says their base was (one answer)."""
     from core import quant
@@ -321,6 +337,7 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
         warnings += warns
     # module names as in this model (an adapter made over the bare transformer fits the causal LM)
     files = [align_to(f, model) for f in files]
+    tokenizer = _tokenizer_as_trained(tokenizer, files, warnings)
     tied = _tied_targets(model, sorted({m for a in files for m in a.tensors}))
     if tied:
         raise StudioError(f"--adapter: the adapter changes '{tied[0]}', whose weight this model shares with "

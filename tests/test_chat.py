@@ -149,3 +149,12 @@ def test_the_playground_prompts_an_adapter_the_way_it_was_trained(tmp_path):
                                          cancelled=lambda: False)
         assert adapted.prompt_tokens == len(want) != base.prompt_tokens  # the base model continues plain text
         assert base.prompt_tokens == len(generate.format_prompt(tok, "Add 1 and 2."))
+        # the merged export's tokenizer renders chats as the adapter was trained
+        from transformers import AutoTokenizer
+
+        from core import export
+
+        report = export.export_merged(str(ckpt), [folder], out=tmp_path / f"merged-{choice}")
+        written = AutoTokenizer.from_pretrained(tmp_path / f"merged-{choice}").chat_template
+        assert written == (chat.CHATML if choice == "chatml" else None)
+        assert any("chat template" in w for w in report["warnings"]) == (choice == "chatml")
