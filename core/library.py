@@ -356,7 +356,8 @@ def _describe(folder: Path, *, name: str, imported_from: str, studio: dict | Non
         studio = _read_json(folder / STUDIO_FILE) if (folder / STUDIO_FILE).is_file() else {}
     if not isinstance(studio, dict):
         studio = {}
-    training = dict(_first(studio, "training", "summary", "train", default={}) or {})
+    training = _first(studio, "training", "summary", "train", default={})
+    training = dict(training) if isinstance(training, dict) else {}  # a hand-edited studio.json: ignore the rest
     curve = _curve(_first(studio, "loss_curve", "curve", "training.loss_curve", default=[]))
     evals = _curve(_first(studio, "eval_curve", "training.eval_curve", default=[]))
     training.pop("loss_curve", None)

@@ -55,6 +55,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_NUMBERS = ("loss", "eval_loss", "lr", "tokens", "trained_tokens", "step_seconds", "grad_norm", "epoch")
+"""Fields of a metrics row that must be numbers (or null) where present."""
+
+
+def _well_formed(row) -> bool:
+    """A metrics row as the trainer writes it: an object with an integer ``step`` and numbers where
+    :data:`_NUMBERS` says (readers sum, compare and plot them without checking again)."""
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+        return False
+    return all(row.get(k) is None or (isinstance(row[k], (int, float)) and not isinstance(row[k], bool))
+               for k in _NUMBERS)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Every complete row of ``metrics.jsonl`` (``path`` is the file or its run folder).
 
@@ -76,7 +89,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                     row = json.loads(line)
                 except (ValueError, RecursionError):
                     continue
-                if isinstance(row, dict):
+                if _well_formed(row):  # else not a row the trainer wrote: skipped like a torn one
                     rows.append(row)
     except FileNotFoundError:
         return []
