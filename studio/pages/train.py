@@ -170,8 +170,12 @@ class TrainPage(Page):
         self.stop_button = QPushButton(st.standardIcon(QStyle.StandardPixmap.SP_MediaStop), "Stop")
         self.stop_button.setToolTip("Stop after this step and keep the adapter (Ctrl+.)")
         self.stop_button.clicked.connect(self.stop)
+        self.sweep_button = QPushButton("Sweep…")
+        self.sweep_button.setToolTip("Train a grid of runs over rank × target set with these settings, one after "
+                                     "another (the LoRA paper's Tables 5 and 6)")
+        self.sweep_button.clicked.connect(self.open_sweep)
         buttons = QHBoxLayout()
-        for b in (self.start_button, self.pause_button, self.stop_button):
+        for b in (self.start_button, self.pause_button, self.stop_button, self.sweep_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
         self.status = QLabel("Ready")
@@ -331,6 +335,15 @@ class TrainPage(Page):
         self.state.set_training(True)
         workers.start(w, owner=self)
         return True
+
+    def open_sweep(self) -> None:
+        """The Sweep window (studio/pages/sweep.py) over this page's settings; one per page."""
+        from studio.pages.sweep import SweepDialog
+
+        if getattr(self, "sweep_dialog", None) is None:
+            self.sweep_dialog = SweepDialog(self.state, self)
+        self.sweep_dialog.show()
+        self.sweep_dialog.raise_()
 
     def stop(self) -> None:
         if self.worker is not None:

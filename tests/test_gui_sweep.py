@@ -1,0 +1,75 @@
+"""The Sweep window over real core.sweep on a tiny checkpoint: the grid and its cost before it starts,
+a sweep of two cells to the end (table, heatmap, best cell in the library), the ΔW analysis, and Stop
+then Start continuing. Offscreen."""
+
+from __future__ import annotations
+
+import json
+
+import pytestqt  # noqa: F401  (a missing module fails, never skips)
+
+from PySide6.QtCore import Qt  # noqa: E402
+
+from core.library import Library  # noqa: E402
+from studio.pages.sweep import SweepDialog  # noqa: E402
+from studio.state import StudioState  # noqa: E402
+
+
+def _dialog(qtbot, tmp_path, checkpoint, steps):
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?", "completion": str(2 * i)}) + "\n"
+                            for i in range(24)))
+    state = StudioState()
+    cfg = state.config
+    cfg.model.source, cfg.model.device = str(checkpoint), "cpu"
+    cfg.data.path, cfg.data.val_split = str(data), 0.25
+    cfg.train.steps, cfg.train.batch_size, cfg.train.save_every = steps, 2, 1
+    d = SweepDialog(state)
+    qtbot.addWidget(d)
+    d.ranks.setText("1,2")
+    for i in range(d.sets.count()):
+        d.sets.item(i).setCheckState(Qt.CheckState.Checked if d.sets.item(i).text() in ("q+v", "all-linear")
+                                     else Qt.CheckState.Unchecked)
+    d.folder.setText(str(tmp_path / "sweep"))
+    return d
+
+
+def test_plan_cost_run_heatmap_and_analysis(qtbot, tmp_path, checkpoint):
+    d = _dialog(qtbot, tmp_path, checkpoint, steps=2)
+    d.plan_button.click()
+    qtbot.waitUntil(lambda: d.worker is None, timeout=60_000)
+    rows = [[d.table.item(i, j).text() for j in range(4)] for i in range(d.table.rowCount())]
+    assert rows == [["all-linear", "1", "", "1,024"], ["all-linear", "2", "", "2,048"], ["q+v", "1", "", "224"],
+                    ["q+v", "2", "", "448"]]
+    assert d.cost.text().startswith("4 cells, 4 to train × 2 steps = 8 steps")
+    d.start_button.click()
+    qtbot.waitUntil(lambda: d.worker is None, timeout=240_000)
+    assert [c.status for c in d.cells] == ["finished"] * 4, d.status.text()
+    assert d.heat.rowCount() == 2 and d.heat.columnCount() == 2 and d.heat.item(1, 1).text()
+    best = next(c for c in d.cells if c.best)
+    assert "Best: " + best.key in d.status.text()
+    assert [e.name for e in Library().entries()] == [f"{d.state.config.name or 'sweep'}-{best.key}"]
+    d.analyse_button.click()
+    qtbot.waitUntil(lambda: d.worker is None, timeout=60_000)
+    assert "effective rank" in d.analysis.text() and "φ(r=1, r=2)" in d.analysis.text()
+    d.plan_button.click()  # the grid of a finished sweep costs nothing more
+    qtbot.waitUntil(lambda: d.worker is None, timeout=60_000)
+    assert "0 to train" in d.cost.text() and "measured in this sweep's" in d.cost.text()
+    d.grab().save(str(tmp_path / "sweep.png"))
+
+
+def test_stop_then_start_continues(qtbot, tmp_path, checkpoint):
+    d = _dialog(qtbot, tmp_path, checkpoint, steps=30)
+    d.start_button.click()
+    qtbot.waitUntil(lambda: d.progress.value() >= 2, timeout=120_000)
+    d.stop_button.click()
+    qtbot.waitUntil(lambda: d.worker is None, timeout=120_000)
+    assert d.cells[0].status == "stopped" and all(c.status == "pending" for c in d.cells[1:])
+    assert "Start continues them" in d.status.text()
+    d.start_button.click()
+    qtbot.waitUntil(lambda: d.worker is None, timeout=240_000)
+    assert [c.status for c in d.cells] == ["finished"] * 4, d.status.text()
+    from core.runs import read_metrics
+
+    steps = [r["step"] for r in read_metrics(tmp_path / "sweep" / d.cells[0].run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 31))  # the stopped cell went on from its checkpoint
