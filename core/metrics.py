@@ -215,3 +215,22 @@ def bootstrap_mean(values: Sequence[float], *, samples: int = 1000, confidence: 
     tail = (1.0 - confidence) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def multi_reference(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU or chrF with several references per example (E2E NLG has several sentences per
+    meaning representation), through sacrebleu's reference streams. Examples with fewer references
+    are padded by repeating their own: a duplicate reference changes neither the clipped n-gram counts
+    (the maximum over references) nor the closest reference length, so the score is that of the
+    variable-length reference sets."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if metric not in ("bleu", "chrf"):
+        raise StudioError(f"multi-reference scoring is for bleu and chrf (got {metric})")
+    refs = [[str(r) for r in rs] for rs in references]
+    if len(refs) != len(predictions) or any(not rs for rs in refs):
+        raise ValueError("one non-empty list of references per prediction")
+    width = max(len(rs) for rs in refs)
+    streams = [[rs[k % len(rs)] for rs in refs] for k in range(width)]
+    scorer = BLEU() if metric == "bleu" else CHRF()
+    return float(scorer.corpus_score([str(p) for p in predictions], streams).score)

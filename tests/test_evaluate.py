@@ -174,3 +174,18 @@ def test_cli_writes_the_contract_files(setup, tmp_path, capsys):
     rc = cli.run(["evaluate", "--model", str(ck), "--data", str(f), "--out", str(out), "--metrics", "bleu,meteor"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: --metrics: unknown metric meteor") and err.count("\n") == 1
+
+
+def test_multi_reference_bleu_is_sacrebleus_with_padded_streams():
+    import sacrebleu
+
+    preds = ["the cat sat on the mat", "a dog ran", "birds sing"]
+    refs = [["the cat sat on a mat", "a cat was on the mat"], ["the dog ran"], ["birds sing at dawn", "birds sing"]]
+    assert metrics.multi_reference("bleu", preds, refs) == pytest.approx(sacrebleu.corpus_bleu(
+        preds, [[r[0] for r in refs], [r[1 % len(r)] for r in refs]]).score)
+    # repeating a reference changes nothing: two streams with the single reference repeated
+    single = [[r[0]] for r in refs]
+    assert metrics.multi_reference("bleu", preds, single) == pytest.approx(
+        sacrebleu.corpus_bleu(preds, [[r[0] for r in refs]] * 2).score)
+    assert metrics.multi_reference("bleu", preds, single) == pytest.approx(metrics.score("bleu", preds,
+                                                                                           [r[0] for r in refs]).corpus)
