@@ -227,7 +227,7 @@ def systems_for(adapters: Sequence[str | Path], *, base: bool = True, names: Seq
     taken = {BASE} if base else set()
     for i, a in enumerate(adapters):
         name = (names[i] if names else None) or Path(a).name
-        if Path(a).name == "adapter" and not names:  # a run folder's adapter/: name it after the run
+        if Path(a).name == "adapter" and not (names and names[i]):  # a run folder's adapter/: named after the run
             name = Path(a).parent.name
         unique, k = name, 2
         while unique in taken:

@@ -189,3 +189,28 @@ def test_multi_reference_bleu_is_sacrebleus_with_padded_streams():
         sacrebleu.corpus_bleu(preds, [[r[0] for r in refs]] * 2).score)
     assert metrics.multi_reference("bleu", preds, single) == pytest.approx(metrics.score("bleu", preds,
                                                                                            [r[0] for r in refs]).corpus)
+
+
+def test_a_runs_validation_split_is_evaluated(setup, tmp_path, capsys):
+    from core.config import RunConfig
+    from core.train import Trainer
+    from studio import cli
+
+    ck, loaded, folder, f = setup
+    data = _write(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(12)])
+    cfg = RunConfig()
+    cfg.model.source, cfg.model.device, cfg.out = str(ck), "cpu", str(tmp_path / "run")
+    cfg.data.path, cfg.data.val_split, cfg.train.steps, cfg.train.seed = str(data), 0.25, 1, 5
+    Trainer(cfg).run()
+    examples = evaluate.run_examples(tmp_path / "run")
+    assert [ex.row - 1 for ex in examples] == evaluate.validation_rows(12, 0.25, 5)
+    assert [ex.reference for ex in examples] == [f"a{ex.row - 1}" for ex in examples]
+    rc = cli.run(["evaluate", "--model", str(ck), "--adapter", str(tmp_path / "run" / "adapter"), "--data",
+                  str(tmp_path / "run"), "--out", str(tmp_path / "ev"), "--metrics", "chrf", "--max-new-tokens", "3",
+                  "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.splitlines()[0].split() == ["system", "chrf"] and out.splitlines()[2].startswith("run ")
+    cfg.data.val_split, cfg.out = 0.0, str(tmp_path / "run2")
+    Trainer(cfg).run()
+    with pytest.raises(StudioError, match="held out no validation split"):
+        evaluate.run_examples(tmp_path / "run2")

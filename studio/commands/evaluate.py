@@ -37,7 +37,8 @@ def register(sub) -> None:
     e.add_argument("--no-base", action="store_true", help="do not answer with the base model alone")
     e.add_argument("--data", required=True, metavar="FILE",
                    help="held-out examples with reference answers (prompt/completion, instruction/output or "
-                        "chat rows; the last assistant turn is the reference)")
+                        "chat rows; the last assistant turn is the reference), or a run folder: the rows its "
+                        "validation split held out")
     e.add_argument("--format", help="the file's format (default: auto, detected)")
     e.add_argument("--fields", metavar="FIELD=COLUMN,...", help="map the format's fields to the file's columns")
     e.add_argument("--out", required=True, metavar="DIR", help="the folder to write the results to")
@@ -69,7 +70,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from core.data import parse_fields
 
         fields = parse_fields(args.fields)
-    examples = evaluate.read_examples(args.data, format=args.format or "auto", fields=fields, limit=args.limit)
+    from core.runs import is_run_folder
+
+    if Path(args.data).is_dir() and is_run_folder(Path(args.data)):  # a run folder: its validation split
+        examples = evaluate.run_examples(args.data, limit=args.limit)
+    else:
+        examples = evaluate.read_examples(args.data, format=args.format or "auto", fields=fields, limit=args.limit)
     folders = [adapter_folder(a) for a in args.adapter]
     given = [None if Path(a).expanduser().is_dir() else a for a in args.adapter]  # library names as typed
     systems = evaluate.systems_for(folders, base=not args.no_base, names=given)
