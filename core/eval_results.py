@@ -141,3 +141,29 @@ def store_in_library(result: EvalResult, data: str) -> list[Path]:
                                  "settings": result.settings})
         written.append(path)
     return written
+
+
+def stored_summary(folder: str | Path) -> str | None:
+    """One line for a library adapter's details from its ``evaluation.json`` (None without one):
+    each score beside the base model's on the same examples."""
+    from core import safeio
+    from core.errors import StudioError
+
+    path = Path(folder) / "evaluation.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = safeio.loads(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, StudioError):
+        return None
+    scores, base = data.get("scores") or {}, data.get("base_scores") or {}
+    parts = []
+    for m, v in scores.items():
+        if not isinstance(v, (int, float)) or m == "perplexity":
+            continue
+        fmt = "{:.1f}" if m in ("bleu", "chrf") else "{:.3f}"
+        b = base.get(m)
+        parts.append(f"{m} {fmt.format(v)}" + (f" (base {fmt.format(b)})" if isinstance(b, (int, float)) else ""))
+    if not parts:
+        return None
+    return f"{', '.join(parts)}; {data.get('examples', '?')} examples of {Path(str(data.get('data', '?'))).name}"

@@ -75,3 +75,16 @@ def test_cancel_stops_and_shows_no_result(page, qtbot):
     qtbot.waitUntil(lambda: p.worker is None, timeout=120_000)
     assert p.result is None and p.status.text() == "Cancelled."
     assert p.start_button.isEnabled()
+
+
+def test_the_library_shows_the_stored_evaluation(page, qtbot):
+    from studio.pages.library import LibraryPage
+
+    p, entry = page
+    p.start_button.click()
+    qtbot.waitUntil(lambda: p.worker is None, timeout=120_000)
+    lib = LibraryPage(p.state, None)
+    qtbot.addWidget(lib)
+    lib._show_entry(Library().get(entry.id))
+    text = lib.facts.text()
+    assert "Evaluation" in text and "bleu" in text and "(base " in text and "6 examples of held.jsonl" in text

@@ -505,6 +505,11 @@ class LibraryPage(Page):
             rows.append(("Dataset", str(ds["path"]) + (f" ({ds['rows']} rows)" if ds.get("rows") else "")))
         if entry.imported_from:
             rows.append(("Came from", entry.imported_from))
+        from core.eval_results import stored_summary
+
+        evaluated = stored_summary(entry.path)  # written by the Evaluate page
+        if evaluated:
+            rows.append(("Evaluation", evaluated))
         rows.append(("Folder", str(entry.path)))
         on = self.model.on_model.get(entry.id)
         if on:
