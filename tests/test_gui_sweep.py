@@ -55,6 +55,12 @@ def test_plan_cost_run_heatmap_and_analysis(qtbot, tmp_path, checkpoint):
     d.plan_button.click()  # the grid of a finished sweep costs nothing more
     qtbot.waitUntil(lambda: d.worker is None, timeout=60_000)
     assert "0 to train" in d.cost.text() and "measured in this sweep's" in d.cost.text()
+    for c in d.cells:  # Evaluate's scores of the cells (the E2E study writes BLEU) can be the heatmap's
+        c.metrics = {"bleu": 10.0 * c.rank}
+    d.show_cells(d.cells)
+    d.heat_value.setCurrentText("metrics.bleu")
+    assert [d.heat.item(i, 0).text() for i in range(2)] == ["10.0000", "20.0000"]
+    d.heat_value.setCurrentText("best_eval_loss")
     d.grab().save(str(tmp_path / "sweep.png"))
 
 

@@ -335,6 +335,9 @@ class SweepDialog(QDialog):
                     item.setFont(f)
                 self.table.setItem(i, j, item)
         self.table.resizeColumnsToContents()
+        known = {self.heat_value.itemText(i) for i in range(self.heat_value.count())}
+        for key in sorted({f"metrics.{m}" for c in cells for m in (c.metrics or {})} - known):
+            self.heat_value.addItem(key)  # Evaluate's scores of the cells, where they were computed
         self._fill_heatmap()
         self._update_buttons()
 
