@@ -139,6 +139,14 @@ class MainWindow(QMainWindow):
         self.state.training_changed.connect(self._update_model_label)
         self._update_model_label()
 
+        train = self.page("train")
+        if train is not None:  # "an unfinished run can be resumed", seen from every page
+            rl.insertWidget(1, train.banner)
+            train.banner.resume_requested.connect(lambda _p: self.show_page("train"))
+            train.settled.connect(self._close_if_asked)
+        self._close_when_done = False
+        self.close_question = None
+
         self._restore()
         for e in errors:
             self.message_bar.show_message(e)
@@ -242,22 +250,75 @@ class MainWindow(QMainWindow):
         if self._closing:
             return
         self.state.refresh_model_info()
+        train = self.page("train")
+        if train is not None:
+            train.refresh_runs()  # offers to resume a run the last session left unfinished
         row = self.sidebar.currentRow()
         if 0 <= row < len(self.pages):
             self.pages[row].page_shown()
 
     def closeEvent(self, event) -> None:
+        """Closing during a run asks first (stop and save / keep training / cancel) and never waits
+        for the run on this thread: the window closes itself once the run has saved."""
+        train = self.page("train")
+        if train is not None and train.busy:
+            event.ignore()
+            if not self._close_when_done:
+                self._ask_close(train)
+            return
         self._closing = True
         self.save_settings()
-        self.hide()  # gone at once for the user, while a training step finishes and saves
+        self.hide()
         for p in self.pages:
             try:
                 p.shutdown()
             except Exception:  # noqa: BLE001
                 pass
-        if not workers.stop_all(timeout_ms=30_000):
-            workers.log.warning("a worker did not stop within 30 s of closing the window")
+        # Only short jobs can be left (reading a model's facts); one that cannot stop at once (a
+        # first-use conversion, staged and moved into place only when complete) is left to run()'s
+        # exit instead of holding this thread.
+        if not workers.stop_all(timeout_ms=3_000):
+            workers.log.warning("a worker did not stop within 3 s of closing the window")
         super().closeEvent(event)
+
+    def _ask_close(self, train) -> None:
+        from PySide6.QtWidgets import QMessageBox
+
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle("A run is training")
+        step, total = train.progress.value(), train.progress.maximum()
+        where = f" (step {step} of {total})" if total > 1 else ""
+        box.setText(f"A run is training{where}. Close the window?")
+        box.setInformativeText("Stop and save: a checkpoint is written, the window closes, and the run "
+                               "can be resumed later. Keep training: the window closes when the run "
+                               "has finished and its adapter is in the library.")
+        self.stop_and_close_button = box.addButton("Stop and save", QMessageBox.ButtonRole.AcceptRole)
+        self.keep_training_button = box.addButton("Keep training", QMessageBox.ButtonRole.ActionRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.finished.connect(lambda _r, b=box: self._close_answered(b, train))
+        self.close_question = box
+        box.open()  # window-modal, not a nested event loop: the run's signals keep arriving
+
+    def _close_answered(self, box, train) -> None:
+        self.close_question = None
+        clicked = box.clickedButton()
+        box.deleteLater()
+        if clicked is self.stop_and_close_button:
+            self._close_when_done = True
+            train.stop()
+            self.show_status("Saving a checkpoint; the window closes when it is written")
+        elif clicked is self.keep_training_button:
+            self._close_when_done = True
+            self.show_status("The window closes when the run has finished (Stop ends it sooner)")
+        if self._close_when_done and not train.busy:
+            self._close_if_asked()
+
+    def _close_if_asked(self) -> None:
+        if self._close_when_done:
+            self._close_when_done = False
+            QTimer.singleShot(0, self.close)
 
 
 def make_app(argv: list[str] | None = None) -> QApplication:
@@ -272,7 +333,7 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     gc_guard.install()
     if not getattr(app, "_studio_quit_hook", False):
         # Threads still running when the application quits would abort the process.
-        app.aboutToQuit.connect(lambda: workers.stop_all(timeout_ms=30_000))
+        app.aboutToQuit.connect(lambda: workers.stop_all(timeout_ms=3_000))
         app._studio_quit_hook = True
     try:
         from core.home import RESOURCES
@@ -307,7 +368,7 @@ def run(*, smoke: bool = False, t0: float | None = None) -> int:
         return 0 if shown else 1
     rc = app.exec()
     if workers.running():
-        # A job that cannot be interrupted (a first-use model conversion) outlived the 30 s wait:
+        # A job that cannot be interrupted (a first-use model conversion) outlived the 3 s wait:
         # leave without it. Its output is staged and only moved into place when complete, so
         # nothing half-written remains; Qt would abort the process over the running thread.
         workers.log.warning("leaving with %d job(s) still running", len(workers.running()))
