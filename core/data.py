@@ -81,7 +81,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from core import chat
+from core import chat, dataset_cache
 from core.chat import END_OF_TURN, end_of_turn_ids  # noqa: F401  (the one list lives in core.chat)
 from core.errors import Cancelled, StudioError
 from core.home import sample_dataset, studio_home
@@ -953,6 +953,21 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
         source = read(cfg.path or sample_dataset(), format=cfg.format, fields=cfg.fields,
                       split=getattr(cfg, "split", "") or None, subset=getattr(cfg, "subset", "") or None)
     tokenizer = chat.with_template(tokenizer, getattr(cfg, "chat_template", "auto"))
+    staged = dataset_cache.Staged(dataset_cache.key(source, tokenizer, cfg, seed))
+    cached = staged.load()  # the same data, tokenizer and options seen before: no tokenising at all
+    if cached is not None:
+        return Prepared(source=source, **cached)
+    try:
+        result = _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.store(result)
+    return result
+
+
+def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Prepared:
+    """prepare's work when nothing is cached: every row tokenised into ``staged``'s files."""
     n = source.rows
     val_split = float(cfg.val_split or 0.0)
     n_val = int(round(n * val_split)) if val_split > 0 else 0
@@ -966,7 +981,7 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
     if n_val:
         is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
 
-    train_b, val_b = _SetBuilder(), _SetBuilder()
+    train_b, val_b = staged.builder("train"), staged.builder("val")  # on disk: memory stays flat
     problems: dict[str, list[int]] = {}
     first: Encoded | None = None
     if progress:

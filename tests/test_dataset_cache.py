@@ -1,0 +1,95 @@
+"""The tokenised dataset on disk (core/dataset_cache.py): tokens go to memory-mapped files, a second
+prepare of the same data with the same tokenizer and options reads them back without tokenising,
+and anything that changes the result (the file, an option, the tokenizer) is tokenised again."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core import data, dataset_cache
+from core.config import DataConfig
+from core.errors import Cancelled
+
+
+def _write(path, n: int, start: int = 0) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(start, start + n):
+            f.write(json.dumps({"instruction": f"Add {i} and {i}.", "output": f"It is {2 * i}."}) + "\n")
+
+
+def _prepare(cfg, tokenizer, **kw):
+    calls = []
+    p = data.prepare(cfg, tokenizer, progress=lambda done, total: calls.append(done), **kw)
+    return p, calls
+
+
+def _same(a, b) -> None:
+    assert len(a) == len(b)
+    for name in ("ids", "trained", "offsets", "truncated", "rows"):
+        assert np.array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name))), name
+
+
+def test_second_prepare_reads_the_tokens_back_without_tokenising(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _write(f, 300)
+    cfg = DataConfig(path=str(f), max_length=64, val_split=0.1)
+    first, calls = _prepare(cfg, tokenizer)
+    assert calls and calls[-1] == 300
+    assert isinstance(first.train.ids, np.memmap)  # on disk, not in RAM
+    second, calls = _prepare(cfg, tokenizer)
+    assert calls == []  # not one row tokenised again
+    _same(first.train, second.train)
+    _same(first.val, second.val)
+    assert second.stats == first.stats and second.problems == first.problems
+    assert second.example.input_ids == first.example.input_ids and second.example.labels == first.example.labels
+    assert second.train[5].labels == first.train[5].labels
+    # and the same as an in-memory encoding of the rows
+    src = data.read(f)
+    enc = data.encode(src.row(int(first.train.rows[3])), tokenizer, src.format, src.fields, max_length=64)
+    assert first.train[3].input_ids == enc.input_ids and first.train[3].labels == enc.labels
+
+
+def test_anything_that_changes_the_result_tokenises_again(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _write(f, 100)
+    cfg = DataConfig(path=str(f), max_length=64)
+    _prepare(cfg, tokenizer)
+    _write(f, 5, start=100)  # the file changed
+    p, calls = _prepare(cfg, tokenizer)
+    assert calls and p.stats["examples"] == 105
+    p, calls = _prepare(DataConfig(path=str(f), max_length=64, train_on_prompt=True), tokenizer)  # an option
+    assert calls and p.stats["trained_tokens"] == p.stats["tokens"]
+    from conftest import tiny_tokenizer
+
+    other = tiny_tokenizer(vocab_size=290)  # another tokenizer
+    p, calls = _prepare(cfg, other)
+    assert calls
+    p, calls = _prepare(cfg, tokenizer, seed=7)  # another seed holds out other rows: another entry
+    assert calls
+    assert len(list(dataset_cache.cache_root().iterdir())) <= dataset_cache.KEEP
+
+
+def test_packing_from_the_cache_equals_packing_fresh(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _write(f, 200)
+    cfg = DataConfig(path=str(f), max_length=128, packing=True)
+    first, _ = _prepare(cfg, tokenizer)
+    second, calls = _prepare(cfg, tokenizer)
+    assert calls == [] and first.stats["train_sequences"] < 200
+    _same(first.train, second.train)
+    assert second.train[0].input_ids == first.train[0].input_ids
+
+
+def test_a_cancelled_prepare_leaves_nothing_in_the_cache(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _write(f, 3000)  # more than one chunk
+    cfg = DataConfig(path=str(f), max_length=64)
+    with pytest.raises(Cancelled):
+        data.prepare(cfg, tokenizer, cancel=lambda: True)
+    root = dataset_cache.cache_root()
+    assert not root.exists() or not list(root.iterdir())
+    p, calls = _prepare(cfg, tokenizer)
+    assert calls[-1] == 3000 and len([d for d in root.iterdir()]) == 1
