@@ -19,6 +19,7 @@ is complete; :data:`KEEP` folders are kept, the least recently used go first.
 
 from __future__ import annotations
 
+from array import array
 import hashlib
 import json
 import os
@@ -91,9 +92,9 @@ class DiskSetBuilder:
         self.folder, self.name = folder, name
         self._ids = open(folder / f"{name}.ids.i32", "wb")
         self._trained = open(folder / f"{name}.trained.u8", "wb")
-        self.lengths: list[int] = []
-        self.truncated: list[bool] = []
-        self.rows: list[int] = []
+        self.lengths = array("q")  # 8 bytes an example, not a Python int's 28 plus a pointer
+        self.truncated = array("b")
+        self.rows = array("q")
 
     def add(self, e, row: int) -> None:
         from core.data import IGNORE
@@ -109,11 +110,11 @@ class DiskSetBuilder:
         self._ids.close()
         self._trained.close()
         offsets = np.zeros(len(self.lengths) + 1, np.int64)
-        np.cumsum(np.asarray(self.lengths, np.int64), out=offsets[1:])
+        np.cumsum(np.frombuffer(self.lengths, np.int64), out=offsets[1:])
         np.save(self.folder / f"{self.name}.offsets.npy", offsets)
-        np.save(self.folder / f"{self.name}.truncated.npy", np.asarray(self.truncated, bool))
-        np.save(self.folder / f"{self.name}.rows.npy", np.asarray(self.rows, np.int64))
-        self.lengths, self.truncated, self.rows = [], [], []
+        np.save(self.folder / f"{self.name}.truncated.npy", np.frombuffer(self.truncated, np.int8).astype(bool))
+        np.save(self.folder / f"{self.name}.rows.npy", np.frombuffer(self.rows, np.int64))
+        self.lengths, self.truncated, self.rows = array("q"), array("b"), array("q")
         return load_set(self.folder, self.name)
 
     def abandon(self) -> None:
