@@ -183,6 +183,7 @@ class EvaluatePage(Page):
         row = QHBoxLayout()
         row.addWidget(QLabel("<b>Examples</b>, scored by"))
         self.sort_metric = QComboBox()
+        self.sort_metric.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         self.sort_metric.setToolTip("The per-example score shown beside each answer; sort any column by clicking it")
         self.sort_metric.currentTextChanged.connect(lambda _t: self._fill_examples())
         row.addWidget(self.sort_metric)
