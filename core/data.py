@@ -415,7 +415,7 @@ def _load(path: Path, fields: Mapping[str, str] | None) -> tuple[Any, list[str]]
         if path.is_dir():
             try:
                 ds = datasets.load_from_disk(str(path))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
                 # a damaged arrow file, state.json or dataset_info.json: pyarrow and datasets raise any of these
                 raise StudioError(f"{path}: this folder is not a dataset written by datasets' save_to_disk "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",

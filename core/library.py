@@ -273,6 +273,21 @@ def metrics_curves(rows: list[dict]) -> tuple[list[list[float]], list[list[float
 
 # -- entries ---------------------------------------------------------------------------------------
 
+_FIELD_TYPES = {"str": str, "int": int, "bool": bool, "dict": dict, "list": list, "list[str]": list,
+                "dict | None": (dict, type(None)), "int | None": (int, type(None)),
+                "float | None": (int, float, type(None))}
+
+
+def _fits(annotation: str, value) -> bool:
+    """Whether ``value`` (from entry.json) has the type an :class:`Entry` field is annotated with."""
+    want = _FIELD_TYPES.get(annotation)
+    if want is None:
+        return True
+    if isinstance(value, bool) and annotation != "bool":
+        return False
+    return isinstance(value, want) and (annotation != "list[str]" or all(isinstance(t, str) for t in value))
+
+
 @dataclass
 class Entry:
     """One adapter in the library: what ``entry.json`` holds, plus where it lies."""
@@ -342,8 +357,11 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict, path: Path | None = None) -> "Entry":
-        known = {f.name for f in fields(cls)} - {"path"}
-        e = cls(**{k: v for k, v in d.items() if k in known})
+        # entry.json is the library's own file, but a crash or a hand edit can leave any value in it:
+        # a value of the wrong type is dropped (its default used) rather than failing later
+        kept = {f.name: d[f.name] for f in fields(cls)
+                if f.name != "path" and f.name in d and _fits(str(f.type), d[f.name])}
+        e = cls(**{"id": "", "name": "", **kept})
         e.path = path
         return e
 
@@ -503,7 +521,7 @@ class Library:
         try:
             if (folder / ENTRY_FILE).is_file():
                 data = _read_json(folder / ENTRY_FILE)
-                if isinstance(data, dict) and data.get("name"):
+                if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
                     e = Entry.from_json(data, folder)
                     e.id = folder.name
                     return e

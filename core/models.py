@@ -472,6 +472,9 @@ def _gguf_header(ref: ModelRef):
         raise StudioError(f"--model {ref.spec}: {ref.path} is not a readable GGUF file ({_first_line(e)})",
                           hint="download or copy it again") from None
     arch = header.architecture
+    if not isinstance(arch, str):  # the metadata's types are the file's word
+        raise StudioError(f"--model {ref.spec}: {ref.path} is not a readable GGUF file (general.architecture is "
+                          f"{type(arch).__name__}, not text)", hint="download or copy it again")
     if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("-", "_") not in GGUF_SUPPORTED_ARCHITECTURES:
         raise StudioError(
             f"--model {ref.spec}: {ref.path.name} holds a '{arch}' model, an architecture transformers' "

@@ -240,6 +240,27 @@ def make_adamw(params: list[torch.Tensor], *, lr: float, weight_decay: float = 0
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def _check_groups(saved: list[dict], current: list[dict]) -> None:
+    """A checkpoint's optimizer groups hold every setting this optimizer has, of the same kind (a
+    number for ``lr``, a pair for ``betas``, ...): else the first step would fail on them, not the load."""
+    if len(saved) != len(current):
+        raise ValueError(f"{len(saved)} optimizer groups, this optimizer has {len(current)}")
+    for g, ref in zip(saved, current):
+        for key, value in ref.items():
+            if key == "params":
+                continue
+            got = g.get(key, KeyError)
+            if got is KeyError:
+                raise KeyError(f"optimizer setting '{key}' is missing")
+            number = (int, float)
+            same = (isinstance(got, bool) == isinstance(value, bool)
+                    and (not isinstance(value, number) or isinstance(got, number))
+                    and (not isinstance(value, (tuple, list)) or (isinstance(got, (tuple, list))
+                                                                 and len(got) == len(value))))
+            if not same:
+                raise TypeError(f"optimizer setting '{key}' is {type(got).__name__}, expected {type(value).__name__}")
+
+
 class Trainer:
     """Train one adapter as ``cfg`` says; see the module docstring for what a step is.
 
@@ -873,6 +894,7 @@ class Trainer:
             per_param.setdefault(int(i), {}).update(extra)
         n_params = len(self.params)
         groups = [dict(g, params=list(range(n_params))) for g in state["param_groups"]]
+        _check_groups(groups, self.optimizer.param_groups)
         self.optimizer.load_state_dict({"state": per_param, "param_groups": groups})
         self.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups)))
         if self.scaler is not None and state.get("scaler"):
