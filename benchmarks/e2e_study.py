@@ -74,7 +74,7 @@ def base_config(args, data: Path):
 
     cfg = RunConfig()
     cfg.model.source, cfg.model.device = args.model, args.device
-    cfg.data.path, cfg.data.val_split, cfg.data.max_length = str(data), args.val_split, 128
+    cfg.data.path, cfg.data.val_split, cfg.data.max_length = str(data), args.val_split, args.max_length
     t = cfg.train
     t.steps, t.epochs, t.batch_size, t.lr, t.seed = args.steps, None, args.batch_size, args.lr, args.seed
     t.warmup, t.scheduler, t.save_every, t.eval_every = min(20, args.steps // 10), "linear", 50, 0
@@ -117,7 +117,7 @@ def full_finetune(cfg, loaded, lr: float) -> dict:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(value)
+        loss = float(value.detach())
     model.eval()
     for p in params:
         p.requires_grad_(False)
@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, help="Table 5's parameter budget (default: r = 8 on q)")
     p.add_argument("--no-budget", action="store_true", help="leave out the fixed-budget sweep")
     p.add_argument("--no-full", action="store_true", help="leave out full fine-tuning")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per training example (default: 128)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--json-out")
