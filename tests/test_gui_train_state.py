@@ -43,11 +43,13 @@ def test_a_failed_start_leaves_nothing_and_is_forgotten_when_the_input_changes(w
     assert status_bar[-1] == "training failed"
     assert page.progress.format() == "%v / %m steps" and page.progress.maximum() == 1  # not "tokenising…"
     assert list(runs_dir().iterdir()) == []  # no empty run folder
+    assert page.folder_label.text() == ""  # and no run folder named
     window.grab().save("/tmp/train-failed.png")
 
     window.state.config.data.path = good  # the input changes: the failure is about an input that is gone
     window.state.changed("data")
     assert page.status.text() == "Ready"
+    qtbot.waitUntil(lambda: not window.message_bar.isVisible())
     assert window.message_bar.text() == "" and status_bar[-1] == ""
     window.grab().save("/tmp/train-after-failure-fixed.png")
 

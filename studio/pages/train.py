@@ -16,6 +16,7 @@ The settings form is :mod:`studio.pages.train_form`, the earlier runs and the re
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QApplication, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea,
@@ -187,6 +188,7 @@ class TrainPage(Page):
         self.status.setText("Ready")
         self.state.say("")
         self._reset_progress()
+        self.folder_label.setText("")
 
     def _reset_progress(self) -> None:
         self.progress.setRange(0, 1)
@@ -421,6 +423,8 @@ class TrainPage(Page):
     def _on_failed(self, message: str) -> None:
         self._failed_message = message
         self.status.setText("Failed: " + message)
+        if self.run_dir and not Path(self.run_dir).exists():  # nothing was kept: name no folder
+            self.folder_label.setText("")
         self.state.say("training failed")
         self.state.show_error(message)
 
