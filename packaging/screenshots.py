@@ -94,7 +94,7 @@ def make_library(model: str, steps: int) -> list[Path]:
     first = entries[RUNS[0][0]]
     lib.set_notes(first.id, "The one to use: answers orders as JSON. Trained on the bundled sample dataset.")
     parts = [entries[RUNS[1][0]], entries[RUNS[2][0]]]
-    combine_into_library(str(lib.root), [str(e.path) for e in parts], [1.0, 1.0], "exact", None,
+    combine_into_library(str(lib.root), [e.id for e in parts], [1.0, 1.0], "exact", None,
                          "attention-qv r8 + mlp r4", "Combined (exact sum) of the attention and MLP adapters")
     _log("library ready: " + ", ".join(e.name for e in lib.entries()))
     return run_dirs
@@ -157,6 +157,54 @@ def settle(app, seconds: float = 0.5) -> None:
         time.sleep(0.02)
 
 
+def shoot_evaluate_and_sweep(app, window, run_dirs: list[Path], shot, sweep_steps: int) -> None:
+    """The Evaluate page (the base model and two adapters on the first run's validation split) and the
+    Sweep window (ranks 2 and 8 on q+v and all-linear, trained to the end, with its ΔW analysis)."""
+    from PySide6.QtCore import Qt
+
+    from core.home import runs_dir
+
+    state, page = window.state, window.page("evaluate")
+    if page is not None:
+        window.show_page("evaluate")
+        page.refresh_adapters()
+        wanted = {RUNS[0][0], RUNS[1][0]}
+        for i in range(page.adapter_list.count()):
+            item = page.adapter_list.item(i)
+            on = item.data(Qt.ItemDataRole.UserRole + 1) in wanted
+            item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+        page.source.setCurrentIndex(1)
+        page.path.setText(str(run_dirs[0]))
+        for m, box in page.metric_boxes.items():
+            box.setChecked(m in ("exact_match", "chrf", "json_valid", "json_fields", "loss"))
+        page.max_new.setValue(64)
+        page.limit.setValue(12)
+        page.batch.setValue(4)
+        page.start()
+        wait_until(app, lambda: page.worker is None, 1800, "the evaluation")
+        page.sort_metric.setCurrentText("json_fields")
+        shot("evaluate")
+    train = window.page("train")
+    if train is None or not hasattr(train, "open_sweep"):
+        return
+    cfg = state.config
+    cfg.name, cfg.train.steps, cfg.train.eval_every = "coffee-orders sweep", sweep_steps, 0
+    cfg.data.val_split, cfg.data.max_length, cfg.train.lr = 0.1, 160, 1e-3
+    window.show_page("train")
+    train.open_sweep()
+    d = train.sweep_dialog
+    d.ranks.setText("2,8")
+    for i in range(d.sets.count()):
+        on = d.sets.item(i).text() in ("q+v", "all-linear")
+        d.sets.item(i).setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+    d.folder.setText(str(runs_dir() / "coffee-orders-sweep"))
+    for job, what in ((d.plan, "the grid's cost"), (d.start, "the sweep"), (d.analyse, "the ΔW analysis")):
+        job()
+        wait_until(app, lambda: d.worker is None, 3600, what)
+    shot("sweep", widget=d)
+    d.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Open each page of the studio in a realistic state and save PNGs.")
     p.add_argument("out", help="folder for the PNG files (created)")
@@ -164,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of each library adapter (default 40)")
     p.add_argument("--live-steps", type=int, default=8,
                    help="steps the in-progress run takes before its picture (default 8)")
+    p.add_argument("--sweep-steps", type=int, default=12, help="optimizer steps of each sweep cell (default 12)")
     p.add_argument("--home", help="studio home to build the library in (default: a new temporary folder)")
     p.add_argument("--size", default="1280x800", help="window size WxH (default 1280x800)")
     p.add_argument("--palette", action="store_true",
@@ -276,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     wait_until(app, lambda: playground.worker is None, 600, "the answers")
     shot("playground")
 
+    shoot_evaluate_and_sweep(app, window, run_dirs, shot, args.sweep_steps)
     window.close()
     _log(f"{len(shots)} screenshots in {out}")
     return 0
