@@ -223,3 +223,28 @@ def test_load_settings_of_an_earlier_run_and_default_names(window, qtbot, checkp
     assert (c.train.batch_size, c.train.seed, c.train.warmup, c.train.steps) == (2, 11, 1, 3)
     assert (page.seed.value(), page.steps.value(), page.warmup.value()) == (11, 3, 1)
     assert c.out == "" and c.name == ""  # a new run gets its own folder and name
+
+
+def test_on_the_next_start_the_window_offers_to_resume_an_unfinished_run(qtbot, checkpoint):
+    from core.config import RunConfig
+    from core.home import runs_dir
+    from studio.app import MainWindow
+
+    run = runs_dir() / "long-run"  # what a run stopped by closing the window leaves
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "checkpoints" / "step-4" / "state.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps(RunConfig().to_dict()))
+    (run / "status.json").write_text(json.dumps({"status": "stopped", "step": 4, "total_steps": 200,
+                                                 "name": "long-run"}))
+    w = MainWindow(background=False)
+    qtbot.addWidget(w)
+    w.state.config.model.source = str(checkpoint)
+    w.show()
+    w._start_background()  # what the window does after its first paint
+    banner = w.page("train").banner
+    qtbot.waitUntil(banner.isVisible, timeout=LONG)
+    assert banner.label.text() == "The run “long-run” stopped at step 4 of 200 and can be resumed."
+    assert banner.button.text() == "Resume" and banner.path == str(run)
+    w.grab().save("/tmp/startup-resume-banner.png")
+    banner.dismiss()
+    assert not banner.isVisible()
