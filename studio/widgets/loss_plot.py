@@ -125,7 +125,7 @@ class LossPlot(QWidget):
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.setSpacing(0)
+        lay.setSpacing(6)  # a gap: two plots, not one with a stray axis
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.lr_plot)
         self._set_lr_range()
