@@ -35,6 +35,7 @@ def test_command_line_of_every_option_parses_back_to_the_same_config():
     cfg.data.path, cfg.data.format, cfg.data.max_length = "/data/it's mine.jsonl", "instruction", 256
     cfg.data.fields = {"instruction": "question", "output": "answer"}
     cfg.data.packing, cfg.data.train_on_prompt, cfg.data.val_split = True, True, 0.15
+    cfg.data.split, cfg.data.subset, cfg.data.chat_template = "train[:90%]", "en", "chatml"
     t = cfg.train
     t.steps, t.epochs, t.batch_size, t.grad_accum, t.lr = None, 2.5, 8, 3, 3.3e-4
     t.scheduler, t.warmup, t.weight_decay, t.max_grad_norm = "linear", 7, 0.01, 0.0
