@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     train = window.page("train")
     if train is not None:
         state.config.lora.targets, state.config.lora.rank, state.config.lora.alpha = "all-linear", 16, 32.0
-        state.config.train.steps, state.config.train.lr, state.config.train.eval_every = 200, 1e-3, 10
+        state.config.train.steps, state.config.train.lr, state.config.train.eval_every = 200, 1e-3, 3
+        state.config.train.warmup = 2  # the learning rate's warmup shows in its plot below the loss
         state.config.data.val_split, state.config.data.max_length = 0.1, 160
         state.config.name = LIVE
         state.changed("all")
