@@ -399,7 +399,6 @@ class TrainPage(Page):
         self.status.setText("Finished; adding its adapter to the library…")
         self._adopting = True
         w = workers.FunctionWorker(_adopt, str(getattr(result, "out", None) or self.run_dir))
-        w.heavy = False
         w.finished.connect(self._on_adopted)
         w.failed.connect(self._on_adopt_failed)
         w.done.connect(self._adopt_done)
