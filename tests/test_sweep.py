@@ -145,3 +145,26 @@ def test_stop_then_continue_and_options_must_match(tmp_path, capsys):
     assert rc == 1 and "holds a sweep trained with other options" in err and "train.steps" in err
     rc = cli.run(_sweep_args(ck, data, tmp_path / "other", 5) + ["--budget", "100"])
     assert rc == 1 and "--budget picks each target set's rank; leave out --ranks" in capsys.readouterr().err
+
+
+def test_the_e2e_study_splits_by_meaning_representation(tmp_path):
+    """benchmarks/e2e_study.py holds out whole MRs: no sentence of a held-out MR is trained on."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("e2e_study", ROOT / "benchmarks" / "e2e_study.py")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    f = tmp_path / "devset.csv"
+    with open(f, "w", newline="", encoding="utf-8") as out:
+        w = csv.writer(out)
+        w.writerow(["mr", "ref"])
+        for i in range(10):
+            for k in range(1 + i % 3):
+                w.writerow([f"name[Place {i}], area[riverside]", f"Place {i} is by the river ({k})."])
+    train, held = study.split_by_mr(f, 3, seed=1)
+    assert len(held) == 3 and sum(len(v) for v in held.values()) + len(train) == sum(1 + i % 3 for i in range(10))
+    trained_mrs = {r["prompt"].split(": ", 1)[1] for r in train}
+    assert not trained_mrs & set(held) and len(trained_mrs) == 7
+    assert study.split_by_mr(f, 3, seed=1) == (train, held)  # seeded
