@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     data.write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
     examples = [evaluate.Example(row=i + 1, messages=[{"role": "user", "content": PROMPT.format(mr=m)}],
                                  reference=rs[0]) for i, (m, rs) in enumerate(held.items())]
-    print(f"{len(train)} training rows from {547 - len(held)} MRs; {len(held)} held-out MRs", file=sys.stderr)
+    print(f"{len(train)} training rows from {len({r['prompt'] for r in train})} MRs; {len(held)} held-out MRs",
+          file=sys.stderr)
     cfg = base_config(args, data)
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     sets = [t.strip() for t in args.target_sets.split(",") if t.strip()]
