@@ -28,6 +28,8 @@ QUANTIZE_LABELS = {"none": "none", "nf4": "nf4 (4-bit)", "int8": "int8 (8-bit)"}
 QUANTIZE_PIP = "pip install 'bitsandbytes>=0.50'"
 """What ``nf4``/``int8`` need installed (0.50 is the first bitsandbytes to run 4-bit on the CPU)."""
 FORMATS = ("auto", "instruction", "chat", "prompt-completion", "text")
+MAX_BATCH = 65536
+"""The largest ``--batch-size`` accepted (per process; --grad-accum multiplies it without memory)."""
 INITS = ("kaiming", "gaussian")
 
 
@@ -270,6 +272,9 @@ class RunConfig:
             p.append(f"--epochs: must be positive (got {tr.epochs!r})")
         if not isinstance(tr.batch_size, int) or tr.batch_size < 1:
             p.append(f"--batch-size: must be at least 1 (got {tr.batch_size!r})")
+        elif tr.batch_size > MAX_BATCH:  # a config file's 10**9 built index lists for minutes (the fuzz suite)
+            p.append(f"--batch-size: {tr.batch_size} examples per step is beyond any machine's memory; "
+                     f"use at most {MAX_BATCH} (raise --grad-accum for a larger effective batch)")
         if not isinstance(tr.grad_accum, int) or tr.grad_accum < 1:
             p.append(f"--grad-accum: must be at least 1 (got {tr.grad_accum!r})")
         if not isinstance(tr.lr, (int, float)) or not (0 < tr.lr < 1):

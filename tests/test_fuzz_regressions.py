@@ -258,3 +258,11 @@ def test_save_to_disk_folder_with_deeply_nested_dataset_info(seeds, tmp_path, ca
     d, _ = _saved(seeds, tmp_path)
     (d / "dataset_info.json").write_text(DEEP)  # RecursionError inside datasets before
     one_line(capsys, ["data", d, "--model", seeds.checkpoint], str(d))
+
+
+def test_a_config_batch_size_of_a_billion_is_refused_not_built(seeds, tmp_path, capsys):
+    cfg = json.loads(seeds.run_config.read_text())
+    cfg["train"]["batch_size"] = 10**9  # built index lists for minutes before (a hang, by the suite's bound)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    one_line(capsys, ["train", "--config", path, "--out", tmp_path / "out"], "--batch-size", "65536")
