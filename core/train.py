@@ -460,10 +460,10 @@ class Trainer:
             "val_examples": prepared.stats.get("val_examples"), "truncated": prepared.truncated,
             **chat.rendering_record(tokenizer, cfg.data.chat_template),  # how prompts must be rendered
         }
-        # trained tokens per example after the one-token shift (labels[1:]), from the CPU arrays
-        cs = np.concatenate([[0], np.cumsum(self.train_set.trained, dtype=np.int64)])
-        starts, ends = self.train_set.offsets[:-1], self.train_set.offsets[1:]
-        self._trained = np.where(ends > starts, cs[ends] - cs[np.minimum(starts + 1, ends)], 0)
+        # trained tokens per example after the one-token shift (labels[1:]), from the (mapped) arrays
+        from core.dataset_cache import trained_per_example
+
+        self._trained = trained_per_example(self.train_set)
         self._lengths = self.train_set.lengths
 
         self.global_batch = cfg.train.batch_size * self.world * cfg.train.grad_accum

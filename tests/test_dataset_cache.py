@@ -93,3 +93,16 @@ def test_a_cancelled_prepare_leaves_nothing_in_the_cache(tmp_path, tokenizer):
     assert not root.exists() or not list(root.iterdir())
     p, calls = _prepare(cfg, tokenizer)
     assert calls[-1] == 3000 and len([d for d in root.iterdir()]) == 1
+
+
+def test_trained_per_example_block_by_block_equals_the_whole_sum(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _write(f, 150)
+    p, _ = _prepare(DataConfig(path=str(f), max_length=64), tokenizer)
+    s = p.train
+    cs = np.concatenate([[0], np.cumsum(s.trained, dtype=np.int64)])
+    starts, ends = s.offsets[:-1], s.offsets[1:]
+    whole = np.where(ends > starts, cs[ends] - cs[np.minimum(starts + 1, ends)], 0)
+    for block in (1, 7, 64, 10_000):
+        assert np.array_equal(dataset_cache.trained_per_example(s, block=block), whole)
+    assert whole.sum() == sum(sum(1 for x in s[i].labels[1:] if x != data.IGNORE) for i in range(len(s)))
