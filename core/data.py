@@ -858,10 +858,12 @@ def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list]:
 
 
 def _encode_many(examples: Sequence[Mapping[str, Any]], tokenizer, fmt: str, fields: Mapping[str, str], *,
-                 max_length: int, train_on_prompt: bool = False) -> list[Encoded | RowProblem]:
-    """Encode rows in one tokenizer call; a row that cannot be trained is a :class:`RowProblem`."""
+                 max_length: int, train_on_prompt: bool = False,
+                 end_ids: set[int] | None = None) -> list[Encoded | RowProblem]:
+    """Encode rows in one tokenizer call; a row that cannot be trained is a :class:`RowProblem`.
+    ``end_ids``: end_of_turn_ids(tokenizer), given once for many calls (it reads the whole vocabulary)."""
     bos = _bos_text(tokenizer)
-    end_ids = set(end_of_turn_ids(tokenizer))
+    end_ids = set(end_of_turn_ids(tokenizer)) if end_ids is None else end_ids
     eos_id = tokenizer.eos_token_id
     rendered: list[Any] = []
     for ex in examples:
@@ -982,6 +984,7 @@ def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Pre
         is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
 
     train_b, val_b = staged.builder("train"), staged.builder("val")  # on disk: memory stays flat
+    end_ids = set(end_of_turn_ids(tokenizer))  # once, not per chunk: it reads the whole vocabulary
     problems: dict[str, list[int]] = {}
     first: Encoded | None = None
     if progress:
@@ -996,7 +999,7 @@ def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Pre
             raise StudioError(f"{source.path}: rows {start + 1}-{stop} cannot be read ({safeio.first_line(e)})",
                               hint="write the dataset again") from None
         rows = [{c: batch[c][i] for c in batch} for i in range(stop - start)]
-        for i, result in enumerate(_encode_many(rows, tokenizer, source.format, source.fields,
+        for i, result in enumerate(_encode_many(rows, tokenizer, source.format, source.fields, end_ids=end_ids,
                                                 max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)):
             r = start + i
             if isinstance(result, RowProblem):
