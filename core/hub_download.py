@@ -25,6 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from core import atomic
 from core.errors import Cancelled, StudioError
@@ -238,8 +239,11 @@ def _fetch_one(remote, name: str, meter: _Meter, ctx: dict) -> None:
                 part.unlink()
                 have = 0
             meter.start_file(name, meta.size or remote.sizes.get(name, 0), have)
+            headers = build_hf_headers(token=ctx["token"])
+            if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+                headers.pop("authorization", None)  # a CDN's signed URL: the token stays with the Hub
             with open(part, "ab") as f:
-                http_get(meta.location, f, resume_size=have, headers=build_hf_headers(token=ctx["token"]),
+                http_get(meta.location, f, resume_size=have, headers=headers,
                          expected_size=meta.size, tqdm_class=lambda **kw: _FileBar(meter, **kw))
             _verify(part, name, str(meta.etag), meta.size, repo_id)
             os.replace(part, blob)
