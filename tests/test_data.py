@@ -371,8 +371,8 @@ def test_progress_in_chunks_and_cancel(tmp_path, tok, monkeypatch):
         asked.append(1)
         return len(asked) >= 2  # cancel after the first chunk
 
-    with pytest.raises(Cancelled):
-        data.prepare(DataConfig(path=str(path)), tok, cancel=cancel)
+    with pytest.raises(Cancelled):  # another max length: not the tokenised result cached above
+        data.prepare(DataConfig(path=str(path), max_length=256), tok, cancel=cancel)
     assert len(asked) == 2
 
 
