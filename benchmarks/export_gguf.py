@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
     p.add_argument("--type", action="append", help=f"a GGUF type; repeat for several (default: {', '.join(TYPES)})")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapter (default 8)")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="export the base model alone (no merge): the types' own cost and error on the bundled default")
     p.add_argument("--no-adapter-only", action="store_true", help="skip the adapter-alone GGUF LoRA row")
     p.add_argument("--no-llama-cpp", action="store_true", help="do not run the files in llama.cpp even if installed")
     p.add_argument("--json-out", default=None, help="write the figures and the machine to this JSON file")
@@ -76,14 +78,16 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lora-studio-gguf-bench-"))
     rows = []
     try:
-        facts = make_adapter(args.model, work / "adapter", args.rank, "all-linear")
-        print(f"adapter: r={args.rank} on {facts['modules']} modules, {facts['trainable_parameters']:,} parameters",
-              flush=True)
+        if not args.no_adapter:
+            facts = make_adapter(args.model, work / "adapter", args.rank, "all-linear")
+            print(f"adapter: r={args.rank} on {facts['modules']} modules, {facts['trainable_parameters']:,} "
+                  "parameters", flush=True)
         for t in types:
             out = work / f"out-{t}"
             start = time.perf_counter()
             try:
-                report = gguf_export.export_gguf(args.model, [work / "adapter"], type_name=t, out=out)
+                report = gguf_export.export_gguf(args.model, [] if args.no_adapter else [work / "adapter"],
+                                                 type_name=t, out=out)
             except StudioError as e:  # a failed check is a result too: the figures are in the message
                 rows.append({"type": t, "refused": str(e), "wall_s": round(time.perf_counter() - start, 2)})
                 print(f"{t:>26}: refused after {rows[-1]['wall_s']} s: {e}", flush=True)
@@ -91,7 +95,9 @@ def main(argv=None) -> int:
             row = {"type": t, "seconds": report["seconds"], "wall_s": round(time.perf_counter() - start, 2),
                    "size_mib": round(report["size_bytes"] / 2**20, 1), "verify": report["verify"]}
             if use_llama:
-                merged = work / "merged-ref"
+                from core import models
+
+                merged = models.checkpoint_folder(args.model) if args.no_adapter else work / "merged-ref"
                 if not merged.exists():
                     from core.export import export_merged
 
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(_line(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
-        if not args.no_adapter_only:
+        if not args.no_adapter_only and not args.no_adapter:
             start = time.perf_counter()
             report = gguf_export.export_gguf(args.model, [work / "adapter"], type_name="f16", out=work / "lora",
                                              adapter_only=True)
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
             print(_line(row), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"machine": common.machine(), "model": args.model, "rank": args.rank, "rows": rows,
+    result = {"machine": common.machine(), "model": args.model, "rank": None if args.no_adapter else args.rank,
+              "rows": rows,
               "llama_cpp": "run" if use_llama else "not installed (pip install 'lora-studio[gguf-k]')"}
     common.write_json(args.json_out, result)
     print(common.describe(result["machine"]))
