@@ -4,7 +4,6 @@ Face one, the Modelfile's template against the model's chat template, refusals a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
