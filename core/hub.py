@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ TOKENIZER_AND_CONFIG = ("config.json", "generation_config.json", "tokenizer.json
 INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _TRUE = ("1", "on", "yes", "true")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+"""What core.models.resolve takes for a repo id (the same pattern)."""
 
 
 # -- the environment -------------------------------------------------------------------------------
@@ -69,11 +72,9 @@ def token() -> str | None:
 
 
 def is_repo_id(spec: str) -> bool:
-    """``org/name`` that is not an existing path: what the Hub would be asked for."""
-    from core.models import _REPO_ID
-
+    """``org/name`` that is not an existing path: what the Hub would be asked for (no torch import)."""
     spec = str(spec or "").strip()
-    return bool(_REPO_ID.match(spec)) and not Path(spec).expanduser().exists() \
+    return bool(REPO_ID.match(spec)) and not Path(spec).expanduser().exists() \
         and not spec.lower().endswith(".gguf")
 
 
