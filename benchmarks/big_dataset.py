@@ -12,7 +12,9 @@ with one fresh ``LORA_STUDIO_HOME`` shared by the runs:
 
 1. ``lora-studio data FILE --model M --json`` (the first look: reading, tokenising, statistics);
 2. the same again (the second look: nothing changed, so the tokenised cache is reused);
-3. ``lora-studio train --model M --data FILE --steps 1`` (the first training step).
+3. ``lora-studio train --model M --data FILE --steps 1`` (the first training step);
+4. the same training step on a 2,000-row file of the same rows (what the step needs whatever the
+   dataset's size: the model, its activations, the optimizer).
 
 Run it under ``flock /tmp/heavy.lock`` on a shared machine: it keeps both cores busy for minutes.
 """
@@ -79,12 +81,17 @@ def main() -> int:
         if args.model == "default" and home_models.is_dir():
             (tmp / "home").mkdir()
             (tmp / "home" / "models").symlink_to(home_models)  # the default, converted once already
+        small = tmp / "rows-2000.jsonl"
+        make_file(small, 2000)
         runs = {}
         for name, argv in (("data_first", ["data", str(data), "--model", args.model, "--json"]),
                            ("data_second", ["data", str(data), "--model", args.model, "--json"]),
                            ("train_first_step", ["train", "--model", args.model, "--data", str(data),
                                                  "--out", str(tmp / "run"), "--steps", "1",
-                                                 "--no-progress"])):
+                                                 "--no-progress"]),
+                           ("train_first_step_2000_rows", ["train", "--model", args.model, "--data", str(small),
+                                                           "--out", str(tmp / "run-small"), "--steps", "1",
+                                                           "--no-progress"])):
             r = measured(argv, env)
             if name == "data_first":
                 stats = json.loads(r["stdout"])["stats"]
