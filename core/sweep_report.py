@@ -57,9 +57,20 @@ def delta_analysis(out: str | Path, cells: Sequence[Cell]) -> dict:
     return {"effective_rank": effective, "similarity": similarity}
 
 
-def measured_step_seconds(out: str | Path | None, runs: Sequence[dict] = ()) -> tuple[float | None, str]:
+def _model_of(run: str | Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(run) / "config.json").read_text(encoding="utf-8"))["model"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def measured_step_seconds(out: str | Path | None, runs: Sequence[dict] = (), *,
+                          model: str | None = None) -> tuple[float | None, str]:
     """A step time measured on this machine, and where it comes from: this sweep's own cells first,
-    else the newest run of ``runs`` (core.runs.list_runs dicts) that has one."""
+    else the newest run of ``runs`` (core.runs.list_runs dicts) that has one and, when ``model`` is
+    given, trained that model (another model's steps say nothing about this one's)."""
     if out is not None and (Path(out) / "runs").is_dir():
         for run in sorted((Path(out) / "runs").iterdir()):
             s = step_seconds(run)
@@ -67,7 +78,9 @@ def measured_step_seconds(out: str | Path | None, runs: Sequence[dict] = ()) -> 
                 return s, f"measured in this sweep's {run.name}"
     for info in runs:
         path = info.get("path")
-        s = step_seconds(path) if path else None
+        if not path or (model is not None and _model_of(path) != model):
+            continue
+        s = step_seconds(path)
         if s:
             return s, f"measured in the run {Path(path).name}"
     return None, "no step time measured yet on this machine"

@@ -138,6 +138,12 @@ def test_stop_then_continue_and_options_must_match(tmp_path, capsys):
     rows = [json.loads(x) for x in (out / "runs" / "q+v-r1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert sweep.step_seconds(out / "runs" / "q+v-r1") > 0
+    from core.sweep_report import measured_step_seconds
+
+    listed = [{"path": str(out / "runs" / "q+v-r1")}]
+    assert measured_step_seconds(None, listed, model=str(ck))[0] == sweep.step_seconds(out / "runs" / "q+v-r1")
+    assert measured_step_seconds(None, listed, model="another-model") == (None, "no step time measured yet on "
+                                                                                "this machine")
     assert sweep.cost(cells, 4, 0.5) == {"cells": 2, "to_train": 0, "steps": 0, "seconds": 0.0}
     # the same folder with other training options is refused in one line
     rc = cli.run(_sweep_args(ck, data, out, 5))

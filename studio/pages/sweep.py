@@ -41,7 +41,7 @@ def _plan(cfg, ranks, target_sets, budget, lrs, out, *, progress):
             old = done[c.key]
             c.status, c.final_loss, c.best_eval_loss, c.seconds, c.best = (old.status, old.final_loss,
                                                                            old.best_eval_loss, old.seconds, old.best)
-    seconds, where = sweep_report.measured_step_seconds(out, runs.list_runs())
+    seconds, where = sweep_report.measured_step_seconds(out, runs.list_runs(), model=cfg.model.source)
     return cells, seconds, where
 
 
