@@ -88,8 +88,8 @@ def test_save_to_disk_folder_whose_strings_are_not_utf8(seeds, tmp_path, capsys)
     d, arrow = _saved(seeds, tmp_path)
     raw = arrow.read_bytes()
     at = raw.index(b"Two lattes")
-    arrow.write_bytes(raw[:at] + b"\x9c" + raw[at + 1:])  # UnicodeDecodeError when the rows are read
-    one_line(capsys, ["data", d, "--model", seeds.checkpoint], str(d), "cannot be read")
+    arrow.write_bytes(raw[:at] + b"\x9c" + raw[at + 1:])  # UnicodeDecodeError when the rows were read
+    one_line(capsys, ["data", d, "--model", seeds.checkpoint], str(d), "arrow file is damaged")
 
 
 # -- GGUF -------------------------------------------------------------------------------------------
@@ -266,3 +266,20 @@ def test_a_config_batch_size_of_a_billion_is_refused_not_built(seeds, tmp_path, 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     one_line(capsys, ["train", "--config", path, "--out", tmp_path / "out"], "--batch-size", "65536")
+
+
+def test_save_to_disk_arrow_file_whose_offsets_lie_does_not_crash_the_process(seeds, tmp_path):
+    """The long run's last find: this damaged arrow file made pyarrow segfault when a row was read
+    (the whole process died, no message at all). Run in a subprocess so a crash fails this test."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    d, _ = _saved(seeds, tmp_path)
+    ft._mutate_one_of(d, random.Random(1000896))  # the case benchmarks/fuzz.py found: data-disk seed 1000896
+    env = dict(os.environ, LORA_STUDIO_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-m", "studio", "data", str(d), "--model", str(seeds.checkpoint)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "arrow file is damaged" in r.stderr and "Traceback" not in r.stderr
