@@ -89,6 +89,8 @@ def main(argv=None) -> int:
             for n in names:
                 seed = args.first_seed + i
                 case_dir = work / "cases" / f"{n}-{seed}"
+                if args.json_out:  # a case that kills the process (a segfault in a library) is named here
+                    Path(args.json_out + ".current").write_text(f"{n} seed {seed}\n")
                 try:
                     outcome, what = ft.run_case(ft.BY_NAME[n], seeds, case_dir, seed, bound=args.bound)
                 except Exception as e:  # the harness failed to make the case: say so, go on
