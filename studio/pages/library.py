@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QFileDialog, QFrame, QHBoxLayout,
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
                                QHeaderView, QInputDialog, QLabel, QLineEdit, QMenu, QMessageBox, QPlainTextEdit,
                                QProgressBar, QPushButton, QSplitter, QTabWidget, QToolButton,
                                QVBoxLayout, QWidget)
@@ -268,18 +268,23 @@ class LibraryPage(Page):
         self.rename_button = button("Rename…", "Give this adapter a new name", self.rename_selected)
         self.delete_button = button("Delete", "Move the selected adapters to the trash (Undo brings them back)",
                                     self.delete_selected)
-        model_actions = QHBoxLayout()
-        model_actions.addWidget(QLabel("Model:"))
-        for b in (self.apply_button, self.swap_button, self.merge_button, self.unmerge_button, self.detach_button):
-            model_actions.addWidget(b)
-        model_actions.addStretch(1)
-        library_actions = QHBoxLayout()
-        library_actions.addWidget(QLabel("Library:"))
-        for b in (self.combine_button, self.export_merged_button, self.export_gguf_button, self.export_button,
-                  self.import_button,
-                  self.rename_button, self.delete_button):
-            library_actions.addWidget(b)
-        library_actions.addStretch(1)
+        # the actions in rows short enough that the page never needs more than the window's default
+        # width (one row of all seven library actions made the window widen itself to 1296 px)
+        actions = QGridLayout()
+        actions.setContentsMargins(0, 0, 0, 0)
+        for row, (label, buttons) in enumerate((
+                ("Model:", (self.apply_button, self.swap_button, self.merge_button, self.unmerge_button,
+                            self.detach_button)),
+                ("Library:", (self.combine_button, self.export_merged_button, self.export_gguf_button,
+                              self.export_button)),
+                ("", (self.import_button, self.rename_button, self.delete_button)))):
+            line = QHBoxLayout()
+            for b in buttons:
+                line.addWidget(b)
+            line.addStretch(1)
+            if label:
+                actions.addWidget(QLabel(label), row, 0)
+            actions.addLayout(line, row, 1)
         # the table's context menu, with the usual keys for rename (F2) and delete (Del)
         for b, key in ((self.apply_button, None), (self.merge_button, None), (self.export_button, None),
                        (self.rename_button, QKeySequence(Qt.Key.Key_F2)),
@@ -312,8 +317,7 @@ class LibraryPage(Page):
         ll.addWidget(self.empty)
         ll.addWidget(self.undo_bar)
         ll.addLayout(model_row)
-        ll.addLayout(model_actions)
-        ll.addLayout(library_actions)
+        ll.addLayout(actions)
         ll.addWidget(self.job_row)
 
         # -- the selected adapter -------------------------------------------------------------------
@@ -359,7 +363,7 @@ class LibraryPage(Page):
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 2)
         split.setChildrenCollapsible(False)
-        split.setSizes([640, 420])
+        split.setSizes([720, 340])  # the table (all its columns) first; the details wrap
         self.splitter = split
         lay = QVBoxLayout(self)
         lay.addWidget(split)

@@ -240,6 +240,9 @@ ELASTIC = {"name": 90, "base_model": 70, "targets": 70}
 """Columns that give up width when the table is narrow (key → the least they keep, in pixels); the
 others keep what their contents need. Any width to spare goes to the name."""
 
+PREFERRED = {"name": 170, "base_model": 90, "targets": 90}
+"""What the elastic columns shrink to first, so the name is the last to be cut short."""
+
 
 def fit_columns(table: QTableView, caps: dict[str, int] | None = None) -> None:
     """Size the columns to their contents, then fit them into the viewport: the elastic ones
@@ -252,14 +255,15 @@ def fit_columns(table: QTableView, caps: dict[str, int] | None = None) -> None:
         width[key] = min(width[key], cap)
     room = table.viewport().width()
     excess = sum(width.values()) - room
-    while excess > 0:
-        shrinkable = [k for k in ELASTIC if width[k] > ELASTIC[k]]
-        if not shrinkable:
-            break
-        k = max(shrinkable, key=lambda k: width[k] - ELASTIC[k])
-        step = min(excess, width[k] - ELASTIC[k], max(1, excess // len(shrinkable)))
-        width[k] -= step
-        excess -= step
+    for floor in (PREFERRED, ELASTIC):
+        while excess > 0:
+            shrinkable = [k for k in floor if width[k] > floor[k]]
+            if not shrinkable:
+                break
+            k = max(shrinkable, key=lambda k: width[k] - floor[k])
+            step = min(excess, width[k] - floor[k], max(1, excess // len(shrinkable)))
+            width[k] -= step
+            excess -= step
     if excess < 0:
         width["name"] += -excess
     for key, w in width.items():
