@@ -255,7 +255,7 @@ def fit_columns(table: QTableView, caps: dict[str, int] | None = None) -> None:
         width[key] = min(width[key], cap)
     room = table.viewport().width()
     excess = sum(width.values()) - room
-    for floor in (PREFERRED, ELASTIC):
+    for floor in (PREFERRED, dict(ELASTIC, name=PREFERRED["name"]), ELASTIC):  # the name gives up last
         while excess > 0:
             shrinkable = [k for k in floor if width[k] > floor[k]]
             if not shrinkable:
