@@ -52,6 +52,13 @@ OPTIONS: dict[str, str] = {
     "--data": "the dataset (Data page)",
     "--data-split": "the dataset split",
     "--data-config": "the dataset configuration",
+    "--adapter-only": "Adapter only (GGUF export)",
+    "--metrics": "the metrics (Evaluate page)",
+    "--no-base": "the base model's answers (Evaluate page)",
+    "--max-new-tokens": "Max new tokens",
+    "--ranks": "the ranks (Sweep)",
+    "--target-set": "the target sets (Sweep)",
+    "--budget": "the parameter budget (Sweep)",
 }
 """Each command-line option core's messages may name → what the window calls it, and where."""
 
