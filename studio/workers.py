@@ -68,7 +68,7 @@ from PySide6.QtCore import QObject, QThread, Signal
 from studio import gc_guard
 
 log = logging.getLogger("studio")
-_log_configured = False
+_log_handler: logging.FileHandler | None = None
 
 
 def log_path():
@@ -81,17 +81,22 @@ def log_path():
 
 
 def _configure_log() -> None:
-    global _log_configured
-    if _log_configured:
-        return
-    _log_configured = True
+    """Point the studio's log at the current home's file (again, when the home changed since)."""
+    global _log_handler
     try:
-        handler = logging.FileHandler(log_path(), encoding="utf-8")
+        path = log_path()
+        if _log_handler is not None and _log_handler.baseFilename == os.path.abspath(path):
+            return
+        handler = logging.FileHandler(path, encoding="utf-8")
     except OSError:  # a read-only home must not break the window; errors still reach the user
         return
+    if _log_handler is not None:
+        log.removeHandler(_log_handler)
+        _log_handler.close()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    _log_handler = handler
 
 
 def error_message(exc: BaseException) -> str:
