@@ -151,3 +151,23 @@ def tokenizer():
 def checkpoint(tmp_path):
     """A tiny Llama-style checkpoint folder with a ChatML tokenizer."""
     return tiny_checkpoint(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (training tests compare runs bit for bit)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def sum_assets(root, rows: int):
+    """A tiny checkpoint folder and a ``rows``-row instruction dataset ("Add i and i+1.") under root."""
+    import json
+
+    ck = tiny_checkpoint(root / "ck")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."})
+                            + "\n" for i in range(rows)))
+    return ck, data

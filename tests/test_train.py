@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_checkpoint
+from conftest import sum_assets
 from core import lora, runs
 from core.config import RunConfig
 from core.errors import StudioError
@@ -31,22 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny checkpoint folder and a 40-row instruction dataset, shared by the module's tests."""
-    root = tmp_path_factory.mktemp("train-assets")
-    ck = tiny_checkpoint(root / "ck")
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."} for i in range(40)]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ck, data
+    return sum_assets(tmp_path_factory.mktemp("train-assets"), 40)
 
 
 def make_cfg(assets, out, **train) -> RunConfig:

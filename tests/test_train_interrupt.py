@@ -9,9 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_checkpoint
+from conftest import sum_assets
 from core import runs
 from core.config import RunConfig
 from core.errors import StudioError
@@ -19,21 +18,13 @@ from core.train import EvalEvent, StatusEvent, StepEvent, Trainer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("interrupt-assets")
-    ck = tiny_checkpoint(root / "ck")
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."} for i in range(80)]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ck, data
+    return sum_assets(tmp_path_factory.mktemp("interrupt-assets"), 80)
 
 
 def make_cfg(assets, out, **train) -> RunConfig:
