@@ -5,7 +5,8 @@ torch and transformers, warm them up, load the tokenizer and import the model's 
 resident set size (the runtime's own memory, the *baseline*), load the bundled default on the CPU
 in the setting's precision (its linear layers in 4 or 8 bits with ``--quantize nf4``/``int8``,
 core.quant), put a LoRA adapter on it, reset the kernel's high-water mark (``/proc/self/clear_refs``),
-run two optimizer steps (AdamW, a padded batch of random tokens, loss on the non-padding tokens) and
+run two optimizer steps (AdamW, a padded batch of random tokens, the trainer's chunked loss
+(core.loss.loss_sum) on the non-padding tokens) and
 read the high-water mark (``VmHWM``). The measured figure is that peak minus the baseline: what
 training needed beyond the Python runtime, which is what the estimate's ``total`` counts.
 
@@ -60,6 +61,7 @@ def child(batch: int, seq_len: int, rank: int, targets: str, checkpointing: bool
 
     from core import lora, models, quant
     from core import targets as targets_mod
+    from core.loss import loss_sum
 
     if quantize != "none":
         quant.bnb(quantize)  # bitsandbytes' own code and kernels belong to the baseline too
@@ -86,16 +88,20 @@ def child(batch: int, seq_len: int, rank: int, targets: str, checkpointing: bool
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     mask[0, seq_len // 2:] = 0  # one padded row: the estimate assumes padded batches
     labels = ids.masked_fill(mask == 0, -100)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    n_trained = int((labels[:, 1:] != -100).sum())
     loaded_rss = _status("VmRSS")
 
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     started = time.perf_counter()
     for _ in range(2):  # the second step has AdamW's states allocated
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
+        # the trainer's loss (core.loss: chunked through the head, no full logits), which is what the
+        # estimate counts; model(labels=...).loss would add the full fp32 logits and their gradient
+        loss = loss_sum(model, inputs) / n_trained
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        del out
+        del loss
     seconds = (time.perf_counter() - started) / 2
     peak = _status("VmHWM")
 
