@@ -404,6 +404,18 @@ def _diagnose(path: Path, kind: str, err: BaseException) -> StudioError:
     return StudioError(f"{path}: cannot read this file ({msg})")
 
 
+def train_split(splits: Mapping[str, Any], what: str, hint: str, notes: list[str]) -> tuple[Any, str]:
+    """The split to train on from a dataset of several: 'train', or the only one; ``what`` names the
+    dataset in the message when neither exists, and a note says which split was taken."""
+    names = list(splits)
+    name = "train" if "train" in splits else names[0] if len(names) == 1 else None
+    if name is None:
+        raise StudioError(f"{what} has the splits {', '.join(names)} and none is called 'train'", hint=hint)
+    if len(names) > 1:
+        notes.append(f"using the '{name}' split of {', '.join(names)}")
+    return splits[name], name
+
+
 def _check_arrow(path: Path, ds) -> None:
     """save_to_disk's arrow files are memory-mapped as they are, and pyarrow trusts their offsets: a
     damaged one crashes the process (a segfault, found by the fuzz suite) when a row is read. Arrow's
@@ -432,14 +444,7 @@ def _load(path: Path, fields: Mapping[str, str] | None) -> tuple[Any, list[str]]
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                                   hint=f"give a file ({', '.join(SUFFIXES)}) or a save_to_disk folder") from None
             if isinstance(ds, datasets.DatasetDict):
-                splits = list(ds)
-                name = "train" if "train" in ds else splits[0] if len(splits) == 1 else None
-                if name is None:
-                    raise StudioError(f"{path}: this dataset has the splits {', '.join(splits)} and none "
-                                      "is called 'train'", hint="save the split to train on by itself")
-                if len(splits) > 1:
-                    notes.append(f"using the '{name}' split of {', '.join(splits)}")
-                ds = ds[name]
+                ds, _ = train_split(ds, f"{path}: this dataset", "save the split to train on by itself", notes)
             _check_arrow(path, ds)
             return ds, notes
 

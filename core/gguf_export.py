@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -231,6 +232,33 @@ def check_space(out: Path, params: int, type_name: str, *, merging: bool) -> Non
                           "(the file and its temporary merged model); free some space or choose another folder")
 
 
+@contextmanager
+def staging(out: Path, fname: str):
+    """A hidden folder inside ``out`` to write ``fname`` and its Modelfile in; removed afterwards whatever
+    happens, and ``out`` too when this export made it and failed (an error, a failed check, Cancel)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(os.path.join(out, f".{fname}.staging-{os.getpid()}"))
+    try:
+        stage.mkdir()
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Move checked files from the staging folder into place, with normal permissions."""
+    from core import atomic
+
+    for src, dst in moves:
+        atomic.normal_permissions(src)
+        os.replace(src, dst)
+
+
 def _merged_folder(spec, adapters, weights, combine, rank, quantize, type_name, stage, say) -> Path:
     """The checkpoint the GGUF is made from: the base itself, or the adapters merged in by
     core.export.export_merged (verified there, to 1e-4) into the staging folder in fp32, so the GGUF
@@ -277,16 +305,12 @@ def export_gguf(spec, adapters: Sequence[str | os.PathLike] = (), weights: Seque
     params = parameter_count(spec)
     check_space(out, params, type_name, merging=bool(folders))
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(os.path.join(out, f".{fname}.staging-{os.getpid()}"))
     times: dict[str, float] = {}
 
     def say(message: str, fraction: float) -> None:
         _say(progress, cancelled, message, fraction)
 
-    try:
-        stage.mkdir()
+    with staging(out, fname) as stage:
         t = time.perf_counter()
         folder = _merged_folder(spec, folders, weights, combine, rank, quantize, type_name, stage, say)
         times["merge"] = time.perf_counter() - t
@@ -307,18 +331,7 @@ def export_gguf(spec, adapters: Sequence[str | os.PathLike] = (), weights: Seque
         say("writing the Modelfile", 0.97)
         text = ollama.modelfile(f"./{fname}", folder, system=system, sampling=sampling)
         (stage / "Modelfile").write_text(text, encoding="utf-8")
-        from core import atomic
-
-        atomic.normal_permissions(staged)
-        atomic.normal_permissions(stage / "Modelfile")
-        os.replace(staged, target)
-        os.replace(stage / "Modelfile", modelfile)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
+        publish([(staged, target), (stage / "Modelfile", modelfile)])
     times["total"] = time.perf_counter() - t0
     say("done", 1.0)
     return {"out": str(target), "modelfile": str(modelfile), "type": type_name, "size_bytes": target.stat().st_size,

@@ -17,8 +17,6 @@ prompts with the base model running the adapter(s) unmerged: logits within 1e-2 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from core import gguf_arch
-from core.errors import Cancelled, StudioError
+from core.errors import StudioError
 
 LOGITS_TOLERANCE = 1e-2
 
@@ -145,7 +143,7 @@ def export_lora(spec: str, folders: Sequence[Path], weights, *, out, name: str |
     """Write ``out/<name>.gguf`` (the LoRA) and ``out/Modelfile`` (``FROM`` the base's GGUF, ``ADAPTER``)."""
     import time
 
-    from core import atomic, gguf_export, models, ollama
+    from core import gguf_export, models, ollama
 
     t0 = time.perf_counter()
     if not folders:
@@ -158,18 +156,11 @@ def export_lora(spec: str, folders: Sequence[Path], weights, *, out, name: str |
     target, modelfile = gguf_export.destination(out, fname)
 
     def say(message: str, fraction: float) -> None:
-        if cancelled is not None and cancelled():
-            raise Cancelled()
-        if progress is not None:
-            progress(message, fraction)
+        gguf_export._say(progress, cancelled, message, fraction)
 
     say("reading the adapters", 0.05)
     pairs = _pairs(spec, folders, weights, models.meta_model(spec))
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = out / f".{fname}.staging-{os.getpid()}"
-    try:
-        stage.mkdir()
+    with gguf_export.staging(out, fname) as stage:
         say("writing the GGUF LoRA", 0.2)
         written = _write(stage / fname, config, pairs, fname[:-5])
         say("checking it against the adapter on the base model", 0.4)
@@ -184,15 +175,7 @@ def export_lora(spec: str, folders: Sequence[Path], weights, *, out, name: str |
         text = ollama.modelfile(base, models.checkpoint_folder(spec), adapter=f"./{fname}", system=system,
                                 sampling=sampling)
         (stage / "Modelfile").write_text(text if note is None else note + "\n" + text, encoding="utf-8")
-        atomic.normal_permissions(stage)
-        os.replace(stage / fname, target)
-        os.replace(stage / "Modelfile", modelfile)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
+        gguf_export.publish([(stage / fname, target), (stage / "Modelfile", modelfile)])
     say("done", 1.0)
     return {"out": str(target), "modelfile": str(modelfile), "type": "lora-f16", "size_bytes": target.stat().st_size,
             "model": spec, "adapters": [str(f) for f in folders], "weights": list(weights or []),

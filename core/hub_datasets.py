@@ -69,7 +69,7 @@ def load(spec: str, split: str | None = None, subset: str | None = None) -> tupl
     """The Hub dataset ``spec`` as a ``datasets.Dataset`` (memory-mapped from datasets' cache) and notes
     on how it was read. Without ``split``: ``train``, or the only split there is."""
     from core import hub
-    from core.data import _quiet_datasets
+    from core.data import _quiet_datasets, train_split
 
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -84,14 +84,7 @@ def load(spec: str, split: str | None = None, subset: str | None = None) -> tupl
         except Exception as e:  # datasets raises many types (HTTP, file format, builder errors)
             raise _error(e, spec, split, subset) from None
         if isinstance(ds, datasets.DatasetDict):
-            splits = list(ds)
-            name = "train" if "train" in ds else splits[0] if len(splits) == 1 else None
-            if name is None:
-                raise StudioError(f"--data {spec}: the dataset has the splits {', '.join(splits)} and none is "
-                                  "called 'train'", hint="choose one with --data-split")
-            if len(splits) > 1:
-                notes.append(f"using the '{name}' split of {', '.join(splits)}")
-            ds, split = ds[name], name
+            ds, split = train_split(ds, f"--data {spec}: the dataset", "choose one with --data-split", notes)
     notes.append(f"from the Hugging Face Hub ({spec}{', ' + subset if subset else ''}, split "
                  f"'{split}'), cached by datasets")
     return ds, notes
