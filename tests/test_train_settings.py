@@ -9,6 +9,7 @@ import shlex
 
 from core import runs
 from core.config import RunConfig
+from core.errors import StudioError
 from studio import cli
 from studio.commands.train import build_config, command_line
 
@@ -84,3 +85,97 @@ def test_only_runs_that_can_go_on_are_resumable(tmp_path):
     assert not runs.resumable(_run(tmp_path / "c", "finished", 200, 200))
     assert not runs.resumable(_run(tmp_path / "d", "stopped", 0, 200, checkpoint=False))
     assert not runs.resumable(_run(tmp_path / "e", "stopped", 200, 200))
+
+
+# -- the command line's run goes into the library, as the window's does ------------------------------
+
+def _train(tmp_path, *extra) -> int:
+    from conftest import sum_assets
+
+    assets = tmp_path / "assets"
+    if not assets.is_dir():
+        assets.mkdir()
+        sum_assets(assets, 8)
+    return cli.run(["train", "--model", str(assets / "ck"), "--data", str(assets / "data.jsonl"), "--device", "cpu",
+                    "--max-length", "32", "--rank", "2", "--steps", "2", "--batch-size", "2", "--save-every", "0",
+                    "--no-progress", *extra])
+
+
+def test_train_puts_the_adapter_in_the_library_the_window_shows(tmp_path, capsys, qtbot, one_torch_thread):
+    from core.library import Library
+    from studio.pages.library import COLUMN, LibraryPage
+    from studio.state import StudioState
+
+    assert _train(tmp_path, "--out", str(tmp_path / "kept"), "--name", "kept run") == 0
+    assert "added to the library as 'kept run'" in capsys.readouterr().err
+    assert _train(tmp_path, "--out", str(tmp_path / "left out"), "--no-library") == 0
+    assert "to the library" not in capsys.readouterr().err
+    (entry,) = Library().entries()
+    assert entry.name == "kept run" and entry.imported_from == str((tmp_path / "kept").resolve())
+    assert (entry.path / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "kept" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert cli.run(["library", "list", "--json"]) == 0
+    assert [e["name"] for e in json.loads(capsys.readouterr().out)] == ["kept run"]
+    page = LibraryPage(StudioState())
+    qtbot.addWidget(page)
+    try:
+        assert [page.proxy.index(r, COLUMN["name"]).data() for r in range(page.proxy.rowCount())] == ["kept run"]
+    finally:
+        page.shutdown()
+        for w in (page.job, page.check_worker, page.analysis_worker):
+            if w is not None:
+                w.wait(20_000)
+
+
+def test_a_library_that_refuses_the_adapter_costs_one_line_and_the_run_stays(tmp_path, capsys, monkeypatch,
+                                                                             one_torch_thread):
+    from core.library import Library
+
+    def refuse(self, run_dir, **kw):
+        raise StudioError(f"{run_dir}: disk full\nsecond line")
+
+    monkeypatch.setattr(Library, "adopt_run", refuse)
+    assert _train(tmp_path, "--out", str(tmp_path / "run")) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "to the library" in line]
+    assert len(err) == 1 and "disk full" in err[0] and "second line" not in err[0]
+    assert f"lora-studio library import {tmp_path / 'run'}" in err[0]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- trust_remote_code comes from the command line, never from a file ---------------------------------
+
+def test_a_config_file_never_turns_on_remote_code(tmp_path, capsys):
+    cfg = RunConfig()
+    cfg.model.source, cfg.model.trust_remote_code, cfg.out = "/models/custom", True, str(tmp_path / "one")
+    (tmp_path / "one").mkdir()
+    cfg.save(tmp_path / "one" / "config.json")
+    parse = cli._parser().parse_args
+    again = build_config(parse(["train", "--config", str(tmp_path / "one" / "config.json")]))
+    assert again.model.source == "/models/custom" and again.model.trust_remote_code is False
+    assert "stays off unless --trust-remote-code is given" in capsys.readouterr().err
+    resumed = build_config(parse(["train", "--resume", "--out", str(tmp_path / "one")]))
+    assert resumed.model.trust_remote_code is False
+    asked = build_config(parse(["train", "--config", str(tmp_path / "one" / "config.json"), "--trust-remote-code"]))
+    assert asked.model.trust_remote_code is True
+    assert capsys.readouterr().err.count("stays off") == 1  # the resume said it; the explicit flag did not
+    plain = build_config(parse(["train", "--model", "/models/custom"]))
+    assert plain.model.trust_remote_code is False
+
+
+def test_train_config_of_a_remote_code_model_is_refused_until_the_flag_is_given(tmp_path, capsys):
+    """End to end: a run folder whose config.json turned remote code on, repeated with --config, reaches
+    the model's auto_map and is refused there (exit 1, one line), because the file alone turned nothing on."""
+    from conftest import sum_assets
+
+    ck, data = sum_assets(tmp_path, 4)
+    raw = json.loads((ck / "config.json").read_text())
+    raw.update(model_type="my-custom-llama", auto_map={"AutoConfig": "modeling_custom.CustomConfig"})
+    (ck / "config.json").write_text(json.dumps(raw))
+    cfg = RunConfig()
+    cfg.model.source, cfg.model.device, cfg.model.trust_remote_code = str(ck), "cpu", True
+    cfg.data.path, cfg.train.steps = str(data), 1
+    cfg.save(tmp_path / "config.json")
+    assert cli.run(["train", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "run"),
+                    "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "needs its own Python code" in err and "Traceback" not in err

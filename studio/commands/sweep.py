@@ -16,7 +16,7 @@ from pathlib import Path
 from core.errors import StudioError
 from studio.commands import fetch_model
 
-_SET_PER_CELL = {"rank", "targets", "out", "name", "resume", "config", "help", "no_progress"}
+_SET_PER_CELL = {"rank", "targets", "out", "name", "resume", "config", "help", "no_progress", "no_library"}
 
 
 def _train_actions():

@@ -3,7 +3,8 @@
 Every option of ``../shared/contract.md`` is here under its exact name. Options default to None so
 that ``--config FILE`` (a run's ``config.json``) can be overlaid: the file gives the base, the flags
 given beside it win. ``--resume --out RUN_DIR`` reads ``RUN_DIR/config.json`` the same way and
-continues from the newest complete checkpoint. Ctrl-C asks the trainer to stop after the current step,
+continues from the newest complete checkpoint. A finished run's adapter goes into the library, as the
+window's does, unless ``--no-library`` is given. Ctrl-C asks the trainer to stop after the current step,
 which writes a checkpoint; the command then exits 130 (a second Ctrl-C aborts at once).
 Under ``torchrun --nproc-per-node N -m studio train ...`` the same command trains data-parallel.
 """
@@ -115,12 +116,15 @@ def register(sub) -> None:
     g.add_argument("--trust-remote-code", action=B, default=None,
                    help="allow this model's own Python code to run (off unless asked)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar; one line per log step instead")
+    t.add_argument("--no-library", action="store_true",
+                   help="leave the finished adapter out of the library (by default it goes in, as from the window)")
     t.set_defaults(func=cmd_train)
 
 
 def build_config(args: argparse.Namespace):
     """The RunConfig these arguments describe: ``--config`` (or, with ``--resume``, the run's own
-    config.json), then every flag that was given."""
+    config.json), then every flag that was given. ``trust_remote_code`` comes from the flag alone: a
+    file that turns it on is overruled (and says so), so a copied config.json never runs a model's code."""
     from core.config import RunConfig
 
     if args.config:
@@ -135,6 +139,11 @@ def build_config(args: argparse.Namespace):
         cfg = RunConfig.load(path)
     else:
         cfg = RunConfig()
+    if cfg.model.trust_remote_code and args.trust_remote_code is None:
+        # a file never turns on a model's own code: that is asked for on the command line, each time
+        cfg.model.trust_remote_code = False
+        print(f"{args.config or Path(args.out) / 'config.json'} turns on trust_remote_code; it stays off "
+              "unless --trust-remote-code is given", file=sys.stderr)
     named_after_folder = bool(cfg.out) and cfg.name == Path(cfg.out).name
     for dest, (section, name) in _MAP.items():
         value = getattr(args, dest, None)
@@ -264,6 +273,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.status == "finished":
             print(f"finished {result.step} steps in {_duration(result.duration)}{loss}{ev}; adapter: {result.adapter}",
                   file=sys.stderr)
+            if not args.no_library:
+                _adopt(result.out)
         else:
             where = f"; checkpoint: {result.checkpoint}" if result.checkpoint else ""
             print(f"stopped at step {result.step} of {result.total_steps}{loss}{where}; "
@@ -271,6 +282,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.status == "stopped" and interrupted["n"]:
         return 130
     return 0
+
+
+def _adopt(run_dir) -> None:
+    """Put a finished run's adapter into the library, as the Train page does, and say where it went.
+    A failure is one line: the run and its adapter stay where they are."""
+    from core.library import Library
+
+    try:
+        entry = Library().adopt_run(run_dir)
+    except (StudioError, OSError) as e:
+        print(f"the adapter was not added to the library ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              f"add it later with: lora-studio library import {run_dir}", file=sys.stderr)
+        return
+    print(f"added to the library as '{entry.name}' ({entry.path})", file=sys.stderr)
 
 
 def _duration(seconds: float | None) -> str:
