@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TOKENIZER_VOCAB, tiny_checkpoint, tiny_llama, tiny_tokenizer
 
-from core import lora, models
+from core import gguf_convert, home, lora, models
 from core import targets as targets_mod
 from core.errors import StudioError
 
@@ -184,7 +184,7 @@ def test_list_models_default_hf_cache_and_user(tmp_path, checkpoint, hf_cache):
     assert hub["size_bytes"] == sum((checkpoint / n).stat().st_size for n in weights)
     assert by_spec[str(checkpoint.resolve())]["size_bytes"] > 0
     assert by_spec[str(gguf_file.resolve())]["converted"] is False
-    assert json.loads((models.studio_home() / "models.json").read_text())["models"][0]["kind"] == "folder"
+    assert json.loads((home.studio_home() / "models.json").read_text())["models"][0]["kind"] == "folder"
 
     shutil.rmtree(checkpoint)
     assert by_spec[str(checkpoint.resolve())]["problem"] is None
@@ -310,7 +310,7 @@ def test_gguf_conversion_is_cached_and_faithful(tmp_path, monkeypatch):
     src = write_tiny_gguf(tmp_path / "tiny.gguf")
     seen = []
     folder = models.checkpoint_folder(str(src), progress=lambda m, f: seen.append((m, f)))
-    assert folder.parent == models.models_dir() and folder.name.startswith("tiny-")
+    assert folder.parent == home.models_dir() and folder.name.startswith("tiny-")
     assert seen[0][1] == 0.0 and seen[-1] == ("converted", 1.0)
     assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:]))
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
@@ -322,7 +322,7 @@ def test_gguf_conversion_is_cached_and_faithful(tmp_path, monkeypatch):
         raise AssertionError("converted twice")
 
     with monkeypatch.context() as m:
-        m.setattr(models, "_convert_gguf", no_second_conversion)
+        m.setattr(gguf_convert, "_convert_gguf", no_second_conversion)
         assert models.checkpoint_folder(str(src)) == folder
         loaded = models.load_model(str(src))
         assert loaded.path == folder and loaded.tokenizer.chat_template
@@ -366,7 +366,7 @@ def test_a_version_1_fp32_conversion_is_not_taken_for_a_new_one(tmp_path):
     src = write_tiny_gguf(tmp_path / "tiny.gguf", matrices="Q8_0")
     st = src.stat()
     old_key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    old = models.models_dir() / f"tiny-{old_key}"
+    old = home.models_dir() / f"tiny-{old_key}"
     old.mkdir(parents=True)
     (old / models.SOURCE_FILE).write_text(json.dumps({"gguf": str(src.resolve()), "dtype": "float32"}))
     folder = models.checkpoint_folder(str(src))
@@ -418,6 +418,40 @@ def test_pad_token_is_not_eos_when_another_token_can_pad():
     assert only_eos.pad_token == "<|endoftext|>"
 
 
+
+
+def test_tokenizer_of_a_converted_gguf_loads_without_torch(tmp_path):
+    """A converted GGUF's tokenizer (the bundled default's route) is read without importing torch
+    (AutoTokenizer would load the config, which imports it: ~4 s) and is what AutoTokenizer gives."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    src = write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = models.checkpoint_folder(str(src))
+    script = ("import sys; from core import tokenizer; t = tokenizer.load_tokenizer(sys.argv[1]); "
+              "print('torch' in sys.modules, type(t).__name__, t.pad_token, t('Hello there').input_ids)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script, str(src)], cwd=root, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(root)}).stdout.split(maxsplit=3)
+    reference = AutoTokenizer.from_pretrained(folder)
+    models._ensure_pad_token(reference)
+    assert out[0] == "False"  # no torch
+    assert out[1:3] == [type(reference).__name__, reference.pad_token]
+    assert out[3].strip() == str(reference("Hello there").input_ids)
+
+
+def test_tokenizer_with_its_own_class_goes_through_autotokenizer(checkpoint):
+    """A tokenizer_config.json naming a model-specific class is not read as the plain fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    cfg_path = checkpoint / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "GPT2Tokenizer"
+    cfg_path.write_text(json.dumps(cfg))
+    tok = models.load_tokenizer(str(checkpoint))
+    assert type(tok) is type(AutoTokenizer.from_pretrained(checkpoint))
 def test_summary_of_a_tiny_model(checkpoint):
     s = models.summary(str(checkpoint))
     model = tiny_llama(vocab_size=TOKENIZER_VOCAB)
