@@ -1,6 +1,11 @@
 """The studio's session: the RunConfig every page edits, what is known about the chosen model, the
 loaded model, and signals when any of it changes. Pages talk to each other only through this.
 
+The loaded model belongs to :attr:`StudioState.session` (a :class:`core.session.ModelSession`):
+every job that uses it takes a ticket with :meth:`StudioState.claim` (refused with one message
+naming the job that holds the model) and gives it back when its worker's thread ends
+(``workers.start(..., ticket=...)``); pages read what is on the model from ``session.view``.
+
 No torch or transformers at import time: the window must show before they load. Facts that need
 them (the model summary, its meta-device skeleton and adaptable modules, its tokenizer) are
 computed in workers when the model changes and announced with :attr:`StudioState.model_info_changed`
@@ -72,6 +77,8 @@ class StudioState(QObject):
                                 conversion; fraction 1.0 (message "") when it is over
       tokenizer_changed(obj)    the chosen model's tokenizer, or None while it is being read
       loaded_changed(obj)       core.models.LoadedModel, or None when unloaded
+      session_changed()         a job took or gave back the model, or what is on it changed
+                                (session.holders(), session.view); always in the GUI thread
       library_changed()         an adapter was added, removed or renamed
       training_changed(bool)    a training run started (True) or ended (False)
       data_summary_changed(obj) the Data page tokenised the dataset (its summary: ``path``,
@@ -89,6 +96,7 @@ class StudioState(QObject):
     model_progress = Signal(str, float)
     tokenizer_changed = Signal(object)
     loaded_changed = Signal(object)
+    session_changed = Signal()
     library_changed = Signal()
     training_changed = Signal(bool)
     data_summary_changed = Signal(object)
@@ -101,8 +109,14 @@ class StudioState(QObject):
         self.config: RunConfig = config or RunConfig()
         self.model_info: ModelInfo | None = None
         self.model_error: str | None = None
+        from core.session import ModelSession
+
         self.tokenizer = None
-        self.loaded = None
+        self.session = ModelSession()
+        self._announced = None  # the LoadedModel loaded_changed last announced
+        # a job may end in a worker thread: the signal is queued to the GUI thread's slots
+        self.session.listeners.append(self.session_changed.emit)
+        self.session_changed.connect(self._announce_loaded)
         self.training = False
         self.data_summary: dict | None = None
         self._info_worker: workers.Worker | None = None
@@ -117,6 +131,8 @@ class StudioState(QObject):
         """Choose the base model; its facts are read in a worker (see model_info_changed)."""
         if spec == self.config.model.source and not refresh and (self.model_info or self._info_worker):
             return
+        if spec != self.config.model.source:
+            self.config.model.trust_remote_code = False  # one model's permission, never another's (issue 17)
         self.config.model.source = spec
         self.config_changed.emit("model")
         if self.loaded is not None and getattr(self.loaded, "spec", None) != spec:
@@ -200,10 +216,43 @@ class StudioState(QObject):
         self.message.emit(f"{message}…")
 
     # -- the loaded model ------------------------------------------------------------------------
-    def set_loaded(self, loaded) -> None:
-        """Announce a model loaded by a page (or None after unloading)."""
-        self.loaded = loaded
-        self.loaded_changed.emit(loaded)
+    @property
+    def loaded(self):
+        """The session's LoadedModel (None when none is loaded); use it through a ticket."""
+        return self.session.loaded
+
+    def set_loaded(self, loaded, ticket=None) -> bool:
+        """Hand a model loaded by a page to the session (None: unload); False, with the message
+        shown, when a job holds the model (``ticket``: the caller's own exclusive one)."""
+        from core.errors import StudioError
+
+        if loaded is not self.session.loaded:
+            try:
+                self.session.set_loaded(loaded, ticket=ticket)
+            except StudioError as e:
+                self.show_error(str(e))
+                return False
+        self._announce_loaded()
+        return True
+
+    def _announce_loaded(self) -> None:
+        """loaded_changed once per model the session holds (a job may replace it in its thread:
+        training loads the model its settings ask for)."""
+        if self.session.loaded is not self._announced:
+            self._announced = self.session.loaded
+            self.loaded_changed.emit(self._announced)
+
+    def claim(self, job: str, label: str | None = None, *, need_model: bool = True, quiet: bool = False):
+        """A ticket for ``job`` on the loaded model (core.session.JOBS), or None after showing why
+        not (``quiet``: without a message, for jobs nobody asked for, like a background check)."""
+        from core.errors import StudioError
+
+        try:
+            return self.session.acquire(job, label, need_model=need_model)
+        except StudioError as e:
+            if not quiet:
+                self.show_error(str(e))
+            return None
 
     # -- messages --------------------------------------------------------------------------------
     def show_error(self, text: str) -> None:
