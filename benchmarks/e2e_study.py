@@ -23,7 +23,7 @@ Everything goes under ``--work`` (default ``~/.cache/lora-studio-bench/e2e-study
 the two sweep folders (resumable: run the same command again after a crash) and the evaluations.
 The summary (tables, the machine, the command) is printed and written to ``--json-out``.
 
-The full study is hours of CPU (57 runs at the defaults); check it first at a miniature size:
+The study at the defaults is 15 runs (about 70 minutes on a 2-core CPU); check it first at a miniature size:
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/e2e_study.py --steps 3 --ranks 1,2 \
         --target-sets q+v --no-budget --test-mrs 4 --max-new-tokens 16 --work /tmp/e2e-mini
@@ -73,7 +73,7 @@ def base_config(args, data: Path):
     from core.config import RunConfig
 
     cfg = RunConfig()
-    cfg.model.source, cfg.model.device = args.model, args.device
+    cfg.model.source, cfg.model.device, cfg.model.precision = args.model, args.device, args.precision
     cfg.data.path, cfg.data.val_split, cfg.data.max_length = str(data), args.val_split, args.max_length
     t = cfg.train
     t.steps, t.epochs, t.batch_size, t.lr, t.seed = args.steps, None, args.batch_size, args.lr, args.seed
@@ -179,22 +179,25 @@ def main(argv=None) -> int:
     p.add_argument("--e2e", type=Path, default=E2E, help=f"the E2E devset.csv (default: {E2E})")
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", help="the LoRA runs' precision (full fine-tuning is always fp32)")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "lora-studio-bench" / "e2e-study")
-    p.add_argument("--test-mrs", type=int, default=60, help="held-out MRs (default: 60 of 547)")
+    p.add_argument("--test-mrs", type=int, default=30, help="held-out MRs (default: 30 of 547)")
     p.add_argument("--val-split", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4, help="LoRA's learning rate (default: 2e-4)")
-    p.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning's (default: 2e-5)")
-    p.add_argument("--ranks", default="1,2,4,8,16,64")
-    p.add_argument("--target-sets", default=",".join(TABLE5_TARGET_SETS))
+    p.add_argument("--lr", type=float, default=5e-4, help="LoRA's learning rate (default: 5e-4)")
+    p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning's (default: 5e-5)")
+    p.add_argument("--ranks", default="1,8,64", help="Table 6's ranks (default: 1,8,64)")
+    p.add_argument("--target-sets", default="q+v,all-linear", help="Table 6's target sets (default: q+v,all-linear)")
+    p.add_argument("--budget-sets", default=",".join(TABLE5_TARGET_SETS),
+                   help="Table 5's target sets at the fixed budget (default: the paper's eight)")
     p.add_argument("--budget", type=int, help="Table 5's parameter budget (default: r = 8 on q)")
     p.add_argument("--no-budget", action="store_true", help="leave out the fixed-budget sweep")
     p.add_argument("--no-full", action="store_true", help="leave out full fine-tuning")
     p.add_argument("--max-length", type=int, default=128, help="tokens per training example (default: 128)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--eval-batch", type=int, default=15)
     p.add_argument("--json-out")
     args = p.parse_args(argv)
 
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
     cfg = base_config(args, data)
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     sets = [t.strip() for t in args.target_sets.split(",") if t.strip()]
-    loaded = models.load_model(args.model, device=args.device, precision="fp32")
+    loaded = models.load_model(args.model, device=args.device, precision=args.precision)
     budget = args.budget or sweep.plan(loaded.model, ranks=[8], target_sets=["q"])[0].trainable_params
     started = time.perf_counter()
     summary = {"machine": machine(), "command": " ".join(["benchmarks/e2e_study.py"] + (argv or sys.argv[1:])),
@@ -225,7 +228,8 @@ def main(argv=None) -> int:
     tables = {"table6": markdown(cells, summary["table6"]["scores"])}
     if not args.no_budget:
         budget_dir = args.work / "table5"
-        cells5 = run_sweep(cfg, budget_dir, loaded, ranks=[], target_sets=sets, budget=budget)
+        budget_sets = [t.strip() for t in args.budget_sets.split(",") if t.strip()]
+        cells5 = run_sweep(cfg, budget_dir, loaded, ranks=[], target_sets=budget_sets, budget=budget)
         summary["table5"] = {"scores": evaluate_cells(budget_dir, cells5, loaded, examples, held, args),
                              "cells": [c.__dict__ for c in cells5]}
         tables["table5"] = "\n".join(
