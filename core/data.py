@@ -60,10 +60,8 @@ wrong type are skipped and listed in ``Prepared.problems`` with their row number
 order), so one bad row in ten thousand does not stop a run; a file in which no row is usable is an
 error.
 
-**Packing** (optional, training split only) fills sequences of at most ``max_length`` tokens with
-whole examples in order (an example is never split), so little compute is spent on padding. Attention
-crosses example boundaries inside a sequence: each example ends with its end-of-turn token, which is
-what the model learns to condition on; position ids keep counting. The validation split is never
+**Packing** (optional, training split only): whole examples in sequences of at most ``max_length``
+tokens, each example's positions and attention its own (core.packing). The validation split is never
 packed, so its loss compares across runs with and without packing.
 """
 
@@ -83,7 +81,9 @@ import numpy as np
 
 from core import chat, dataset_cache
 from core.chat import END_OF_TURN, end_of_turn_ids  # noqa: F401  (the one list lives in core.chat)
+from core.encoded import IGNORE, Encoded, EncodedSet, SetBuilder  # noqa: F401  (core.data's public names)
 from core.errors import Cancelled, StudioError
+from core.packing import collate, pack  # noqa: F401  (collate: core.data's public name)
 from core.home import sample_dataset, studio_home
 from core import safeio
 
@@ -114,9 +114,6 @@ PLAIN_TEMPLATE = {"system": "{content}\n\n", "user": "### Instruction:\n{content
                   "assistant": "### Response:\n", "between": "\n\n"}
 """The template for tokenizers without a chat template: see the module docstring."""
 
-IGNORE = -100
-"""The label of a token the loss skips (PyTorch's cross-entropy ``ignore_index``)."""
-
 CHUNK = 256
 """Rows tokenised per batch in :func:`prepare`: progress and cancel are checked between chunks."""
 
@@ -143,106 +140,6 @@ class Source:
 
     def row(self, i: int) -> dict:
         return self.dataset[int(i)]
-
-
-@dataclass
-class Encoded:
-    """One example as the model is trained on it."""
-
-    input_ids: list[int]
-    labels: list[int]
-    """``input_ids`` where the loss is computed, :data:`IGNORE` (-100) elsewhere."""
-    truncated: bool = False
-    """The rendered example was longer than ``max_length`` and was cut."""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
-
-
-class EncodedSet(Sequence):
-    """Many :class:`Encoded` examples in three flat numpy arrays (ids, a trained mask, offsets).
-
-    A list of ``Encoded`` would hold every token as a Python int (28 bytes each, plus the list's
-    pointer); here a token costs 5 bytes, so a large dataset's tokens fit in memory. Indexing gives
-    an :class:`Encoded`; ``lengths`` gives every example's length without building any.
-    """
-
-    def __init__(self, ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray, truncated: np.ndarray,
-                 rows: np.ndarray):
-        self.ids = ids                # (total_tokens,) int32
-        self.trained = trained        # (total_tokens,) bool
-        self.offsets = offsets        # (n + 1,) int64: example i is ids[offsets[i]:offsets[i+1]]
-        self.truncated = truncated    # (n,) bool
-        self.rows = rows              # (n,) int64: the source row (0-based) or, packed, the first one's
-
-    @classmethod
-    def empty(cls) -> "EncodedSet":
-        return cls(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(1, np.int64), np.zeros(0, bool),
-                   np.zeros(0, np.int64))
-
-    @classmethod
-    def from_encoded(cls, examples: Sequence[Encoded], rows: Sequence[int] | None = None) -> "EncodedSet":
-        b = _SetBuilder()
-        for i, e in enumerate(examples):
-            b.add(e, rows[i] if rows is not None else i)
-        return b.build()
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        ids = self.ids[a:b].astype(np.int64)
-        labels = np.where(self.trained[a:b], ids, IGNORE)
-        return Encoded(ids.tolist(), labels.tolist(), bool(self.truncated[i]))
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def trained_tokens(self) -> int:
-        return int(self.trained.sum())
-
-
-class _SetBuilder:
-    def __init__(self):
-        self.ids: list[np.ndarray] = []
-        self.trained: list[np.ndarray] = []
-        self.lengths: list[int] = []
-        self.truncated: list[bool] = []
-        self.rows: list[int] = []
-
-    def add(self, e: Encoded, row: int) -> None:
-        ids = np.asarray(e.input_ids, dtype=np.int32)
-        self.ids.append(ids)
-        self.trained.append(np.asarray(e.labels) != IGNORE)
-        self.lengths.append(len(ids))
-        self.truncated.append(bool(e.truncated))
-        self.rows.append(int(row))
-
-    def build(self) -> EncodedSet:
-        if not self.ids:
-            return EncodedSet.empty()
-        offsets = np.zeros(len(self.lengths) + 1, np.int64)
-        np.cumsum(self.lengths, out=offsets[1:])
-        return EncodedSet(np.concatenate(self.ids), np.concatenate(self.trained), offsets,
-                          np.asarray(self.truncated, bool), np.asarray(self.rows, np.int64))
 
 
 @dataclass
@@ -933,30 +830,6 @@ def _rows_text(rows: list[int], limit: int = 10) -> str:
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
-def _pack(data: EncodedSet, max_length: int) -> EncodedSet:
-    """Greedy packing in order: whole examples into sequences of at most ``max_length`` tokens."""
-    lengths = data.lengths
-    bounds = [0]
-    rows = []
-    total = 0
-    start = 0
-    for i, n in enumerate(lengths):
-        if total and total + n > max_length:
-            bounds.append(int(data.offsets[i]))
-            rows.append(int(data.rows[start]))
-            start, total = i, 0
-        total += int(n)
-    if len(lengths):
-        bounds.append(int(data.offsets[-1]))
-        rows.append(int(data.rows[start]))
-    offsets = np.asarray(bounds, np.int64)
-    trunc = np.zeros(len(offsets) - 1, bool)
-    # a block is "truncated" if any example in it was
-    ex_block = np.searchsorted(offsets, data.offsets[:-1], side="right") - 1
-    np.logical_or.at(trunc, ex_block, data.truncated)
-    return EncodedSet(data.ids, data.trained, offsets, trunc, np.asarray(rows, np.int64))
-
-
 def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
             cancel: Callable[[], bool] | None = None, source: Source | None = None) -> Prepared:
     """Read ``cfg.path`` (the sample dataset when empty), split it by ``seed``, tokenise every row and
@@ -1055,7 +928,7 @@ def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Pre
         "lengths": token_stats(lengths),
     }
     if cfg.packing:
-        train = _pack(train, cfg.max_length)
+        train = pack(train, cfg.max_length)
     stats["train_sequences"] = len(train)
     stats["packed"] = bool(cfg.packing)
     return Prepared(train=train, val=val, format=source.format, fields=dict(source.fields), stats=stats,
@@ -1063,27 +936,6 @@ def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Pre
 
 
 # -- batches and statistics -----------------------------------------------------------------------
-
-def collate(examples: Sequence[Encoded | Mapping[str, Sequence[int]]], pad_id: int) -> dict:
-    """A batch: ``input_ids``, ``labels``, ``attention_mask``, each a LongTensor ``(batch, longest)``,
-    right-padded with ``pad_id`` (labels -100 and attention 0 on padding)."""
-    import torch
-
-    def get(e, key):
-        return getattr(e, key) if isinstance(e, Encoded) else e[key]
-
-    longest = max(len(get(e, "input_ids")) for e in examples)
-    ids = torch.full((len(examples), longest), int(pad_id), dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for i, e in enumerate(examples):
-        x, y = get(e, "input_ids"), get(e, "labels")
-        n = len(x)
-        ids[i, :n] = torch.as_tensor(list(x), dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(list(y), dtype=torch.long)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
 
 def token_stats(lengths, bins: int = 20) -> dict:
     """count, min, max, mean, p50, p90, p99 of example lengths, and a histogram's ``edges`` (bins + 1)

@@ -11,8 +11,8 @@ The folder is named by a key over everything the result depends on: the data (da
 fingerprint of the table, plus the file's path, size and modification time), the tokenizer (its
 whole definition, chat template and special tokens), the options (format, fields, maximum length,
 train-on-prompt, chat template choice, packing, validation split and seed) and the code that
-renders and tokenises (the bytes of core/data.py, core/chat.py and this file, so a change there is
-never answered from an old cache). Nothing changed: the next ``prepare`` maps the files and returns
+renders, tokenises and packs (the bytes of core/data.py, core/encoded.py, core/packing.py,
+core/chat.py and this file, so a change there is never answered from an old cache). Nothing changed: the next ``prepare`` maps the files and returns
 in well under a second. A folder is written under a temporary name and renamed into place when it
 is complete; :data:`KEEP` folders are kept, the least recently used go first.
 """
@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from core.encoded import IGNORE, Encoded, EncodedSet
 from core.home import studio_home
 
 KEEP = 6
 """Tokenised datasets kept in the cache (a 1,000,000-row file is about 0.3-0.5 GB)."""
-_SOURCES = ("data.py", "chat.py", "dataset_cache.py")
+_SOURCES = ("data.py", "encoded.py", "packing.py", "chat.py", "dataset_cache.py")
 
 
 def cache_root() -> Path:
@@ -97,8 +98,6 @@ class DiskSetBuilder:
         self.rows = array("q")
 
     def add(self, e, row: int) -> None:
-        from core.data import IGNORE
-
         ids = np.asarray(e.input_ids, dtype=np.int32)
         self._ids.write(ids.tobytes())
         self._trained.write((np.asarray(e.labels) != IGNORE).astype(np.uint8).tobytes())
@@ -128,20 +127,20 @@ def _memmap(path: Path, dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def load_set(folder: Path, name: str):
-    from core.data import EncodedSet
-
+def load_set(folder: Path, name: str) -> EncodedSet:
+    starts = folder / f"{name}.starts.npy"  # a packed set's
     return EncodedSet(_memmap(folder / f"{name}.ids.i32", np.int32),
                       _memmap(folder / f"{name}.trained.u8", np.uint8).view(bool),
                       np.load(folder / f"{name}.offsets.npy"), np.load(folder / f"{name}.truncated.npy"),
-                      np.load(folder / f"{name}.rows.npy"))
+                      np.load(folder / f"{name}.rows.npy"), np.load(starts) if starts.exists() else None)
 
 
-def save_index(folder: Path, name: str, s) -> None:
+def save_index(folder: Path, name: str, s: EncodedSet) -> None:
     """Write a packed set's index (its ids and mask are the unpacked set's files, shared)."""
     np.save(folder / f"{name}.offsets.npy", np.asarray(s.offsets, np.int64))
     np.save(folder / f"{name}.truncated.npy", np.asarray(s.truncated, bool))
     np.save(folder / f"{name}.rows.npy", np.asarray(s.rows, np.int64))
+    np.save(folder / f"{name}.starts.npy", np.asarray(s.starts, np.int64))
 
 
 class Staged:
@@ -161,8 +160,6 @@ class Staged:
         except (OSError, ValueError, KeyError):
             return None
         os.utime(self.folder)  # recently used: kept longest
-        from core.data import Encoded
-
         ex = meta["example"]
         return {"train": train, "val": val, "format": meta["format"], "fields": meta["fields"],
                 "stats": meta["stats"], "truncated": meta["truncated"], "problems": meta["problems"],
@@ -209,10 +206,11 @@ def _trim() -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def trained_per_example(s, block: int = 65536) -> np.ndarray:
+def trained_per_example(s: EncodedSet, block: int = 65536) -> np.ndarray:
     """Trained tokens of each example of an EncodedSet after the one-token shift (``labels[1:]``),
     computed block by block: a running sum over the whole set would widen its mask to 8 bytes a
-    token at once (800 MB for 100 million tokens)."""
+    token at once (800 MB for 100 million tokens). A packed sequence's examples each lose their
+    first token too (see core.encoded.EncodedSet)."""
     n = len(s)
     out = np.zeros(n, np.int64)
     for a in range(0, n, block):
@@ -221,4 +219,8 @@ def trained_per_example(s, block: int = 65536) -> np.ndarray:
         cs = np.concatenate([[0], np.cumsum(s.trained[lo:hi], dtype=np.int64)])
         starts, ends = s.offsets[a:b] - lo, s.offsets[a + 1:b + 1] - lo
         out[a:b] = np.where(ends > starts, cs[ends] - cs[np.minimum(starts + 1, ends)], 0)
+    if s.starts is not None:
+        inner = np.setdiff1d(s.starts, s.offsets[:-1], assume_unique=True)  # not a sequence's first token
+        out -= np.bincount(np.searchsorted(s.offsets, inner, side="right") - 1,
+                           weights=s.trained[inner], minlength=n).astype(np.int64)
     return out

@@ -28,13 +28,14 @@ What it supports
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.data import IGNORE  # the label of a token that is not trained
+from core.encoded import IGNORE  # the label of a token that is not trained
 
 # One chunk's fp32 logits: 96 MiB is 512 tokens of a 49k vocabulary (SmolLM2), 196 of a 128k one
 # (Llama 3). Smaller chunks make the head's two products thinner GEMMs that stream the whole head
@@ -183,40 +184,95 @@ def head_plan(model: nn.Module) -> HeadPlan | None:
     return plan
 
 
-def _model_inputs(batch: dict) -> dict:
-    """What the trainer's forward passes: the ids, the mask, no cache, position ids if the batch has them."""
-    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if "position_ids" in batch:
-        kw["position_ids"] = batch["position_ids"]
+PACKED_ATTENTION = ("auto", "positions", "block")
+"""How a packed batch's examples are kept apart (see :func:`model_inputs`)."""
+
+
+def _masks_packed_sequences(model: nn.Module) -> bool:
+    """Whether ``model`` builds its attention mask with transformers' masking_utils (its modeling
+    module calls ``create_causal_mask``) for an attention it knows: given position ids and no 2-D
+    mask, that finds packed sequences where a position does not follow the one before
+    (``find_packed_sequence_indices``) and keeps attention inside each; flash attention takes
+    the same position ids as variable-length sequences."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    modeling = sys.modules.get(type(inner).__module__)
+    if not any(hasattr(modeling, f) for f in ("create_causal_mask", "create_sliding_window_causal_mask")):
+        return False
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) in ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(batch, 1, L, L): query q sees key k when k <= q inside the same segment, a segment starting
+    wherever a position does not follow the previous one (as in core.packing.collate). Boolean
+    (True: attend), or additive in ``dtype`` (0 / the dtype's minimum) for an eager attention."""
+    step = position_ids[:, 1:] - position_ids[:, :-1]
+    segment = F.pad((step != 1).cumsum(-1), (1, 0))
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
+    allowed = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                         torch.finfo(dtype).min)
+
+
+def model_inputs(model: nn.Module, batch: dict, packed_attention: str = "auto") -> dict:
+    """What the trainer's forward passes: the ids, no cache, and the attention.
+
+    A plain batch gives its padding mask. A packed batch (it has ``position_ids``, see core.packing)
+    gives the position ids, and keeps each example's attention to itself: ``"positions"`` leaves the
+    2-D mask out so transformers builds the packed-sequence mask from the position ids (its padding
+    is a segment of its own, so no mask is lost); ``"block"`` gives a 4-D block-diagonal causal mask
+    of our own, which the model's attention takes as it is; ``"auto"`` is ``"positions"`` where
+    :func:`_masks_packed_sequences` says the model reads them, else ``"block"``.
+    """
+    kw = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" not in batch:
+        kw["attention_mask"] = batch["attention_mask"]
+        return kw
+    if packed_attention not in PACKED_ATTENTION:
+        raise ValueError(f"packed_attention must be one of {PACKED_ATTENTION}, not {packed_attention!r}")
+    kw["position_ids"] = batch["position_ids"]
+    if packed_attention == "auto":
+        packed_attention = "positions" if _masks_packed_sequences(model) else "block"
+    if packed_attention == "positions":
+        kw["attention_mask"] = None
+    else:
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        eager = getattr(getattr(inner, "config", None), "_attn_implementation", None) == "eager"
+        dtype = getattr(inner, "dtype", torch.float32) if eager else None
+        kw["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
     return kw
 
 
-def plain_loss_sum(model: nn.Module, batch: dict) -> torch.Tensor:
+def plain_loss_sum(model: nn.Module, batch: dict, *, packed_attention: str = "auto") -> torch.Tensor:
     """The textbook path: the full logits, upcast, ``F.cross_entropy`` summed over trained tokens."""
-    logits = model(**_model_inputs(batch)).logits
+    logits = model(**model_inputs(model, batch, packed_attention)).logits
     labels = shifted_labels(batch["labels"])
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 
 
 def loss_sum(model: nn.Module, batch: dict, *, chunk: int | None = None,
-             select_rows: bool | None = None) -> torch.Tensor:
+             select_rows: bool | None = None, packed_attention: str = "auto") -> torch.Tensor:
     """Σ of next-token cross-entropies over the batch's trained tokens (fp32 scalar), chunked through
     the head where :func:`head_plan` allows, else :func:`plain_loss_sum`.
 
     ``select_rows`` (default: on the CPU only): only the trained tokens' hidden states go through the
     head, so prompts and padding cost no head product. Finding them needs their count on the host,
     which on an accelerator is a sync that stalls the queued work; there every token goes through
-    and the ignored ones are masked inside the chunks.
+    and the ignored ones are masked inside the chunks. ``packed_attention``: see :func:`model_inputs`.
     """
     plan = head_plan(model)
     if plan is None:
-        return plain_loss_sum(model, batch)
+        return plain_loss_sum(model, batch, packed_attention=packed_attention)
     labels = shifted_labels(batch["labels"]).reshape(-1)
     if select_rows is None:
         select_rows = labels.device.type == "cpu"
     rows = (labels != IGNORE).nonzero().squeeze(1) if select_rows else None  # before the forward is queued
-    hidden = plan.base(**_model_inputs(batch)).last_hidden_state
+    hidden = plan.base(**model_inputs(plan.base, batch, packed_attention)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if rows is not None:
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
