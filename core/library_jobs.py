@@ -157,3 +157,15 @@ def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float]
 
     return export.export_merged(spec_or_loaded, folders, weights, combine=mode, rank=rank, out=out,
                                 dtype=dtype, progress=report)
+
+
+def load_into_session(ticket, spec: str, device: str, precision: str, trust: bool, quantize: str = "none", *,
+                      progress=lambda item: None):
+    """Load ``spec`` and hand it to the session of ``ticket`` (a "load" ticket the caller holds);
+    progress as ``(message, fraction)``. Returns the LoadedModel."""
+    from core import models
+
+    loaded = models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
+                               quantize=quantize or "none", progress=lambda m, f: progress((m, f)))
+    ticket.session.set_loaded(loaded, ticket=ticket)
+    return loaded

@@ -48,8 +48,9 @@ EvalEvent, StatusEvent) arrives through ``progress``; ``stop()`` and ``pause()``
 map to the trainer's thread-safe flags; a stopped run is *finished* (its adapter was saved), with
 the trainer's RunResult.
 
-``stop_all(timeout_ms)`` cancels every running worker and waits for their threads (the window's
-``closeEvent`` calls it).
+``cancel_all()`` asks every running worker to stop without waiting (the window's ``closeEvent``,
+which then lets the process end by itself once their threads have); ``stop_all(timeout_ms)``
+cancels and waits (at the application's exit).
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class Worker(QObject):
         self._thread: _Runner | None = None
         self.running = False
         self.started_at = 0.0
+        self.ticket = None  # the core.session.Ticket its job holds, if any (released when the thread ends)
         self._detached = False
         self._relay.connect(self._deliver)  # queued: the worker object lives in the GUI thread
 
@@ -303,17 +305,22 @@ class _Runner(QThread):
 _running: set[Worker] = set()
 
 
-def start(worker: Worker, owner: QObject | None = None) -> Worker:
+def start(worker: Worker, owner: QObject | None = None, ticket=None) -> Worker:
     """Run ``worker`` in a new thread; keeps it alive until its thread ends. Returns the worker.
 
     ``owner`` (usually the page starting it): when the owner is destroyed, the worker is cancelled
     and its signals are disconnected, so a result arriving later never reaches a deleted widget.
+    ``ticket`` (a core.session.Ticket the page took for the job): given back when the thread has
+    ended, whatever the job did, so the model is never held by a job that is over.
     """
     gc_guard.install()  # cycles are collected in this (GUI) thread, never in the worker's
     thread = _Runner(worker)
     worker._thread = thread
     worker.running = True
+    worker.ticket = ticket
     _running.add(worker)
+    if ticket is not None:
+        thread.finished.connect(ticket.release)
     thread.finished.connect(lambda: _running.discard(worker))
     thread.finished.connect(thread.deleteLater)
     if owner is not None:
@@ -325,6 +332,14 @@ def start(worker: Worker, owner: QObject | None = None) -> Worker:
 def running() -> list[Worker]:
     """Workers that have not reported ``done`` yet."""
     return [w for w in _running if w.running]
+
+
+def cancel_all() -> int:
+    """Ask every running worker to stop at its next safe point, without waiting; how many run."""
+    workers = [w for w in _running if w.running]
+    for w in workers:
+        w.cancel()
+    return len(workers)
 
 
 def stop_all(timeout_ms: int = 10_000) -> bool:

@@ -238,7 +238,7 @@ def test_incompatible_adapter_is_greyed_and_cannot_be_applied(qtbot, page, setup
 def test_fingerprint_mismatch_asks_first(qtbot, page, setup):
     load(qtbot, page, setup)
     entry = setup["entries"]["qv-other"]
-    from studio.pages.library import Compat
+    from core.library_jobs import Compat
 
     page.model.compat[entry.id] = Compat([], ["trained on different weights"])
     page.select_name("qv-other")
@@ -347,7 +347,7 @@ def test_window_keeps_its_width_after_combine_and_columns_fit(qtbot, setup, tmp_
 
 
 def test_combine_dialog_offers_exact_svd_and_task_merges(qtbot, page, setup):
-    from studio.pages.library import CombineDialog
+    from studio.widgets.combine_dialog import CombineDialog
 
     entries = [setup["entries"]["qv-small"], setup["entries"]["qv-other"]]
     d = CombineDialog(entries, title="Combine adapters", with_name=True)
@@ -554,10 +554,10 @@ def test_playground_puts_a_library_adapter_on_the_model_when_chosen(qtbot, page,
     assert play.panes[1].select_adapter(setup["entries"]["mlp-wide"].id)
     play.greedy.setChecked(True)
     play.max_tokens.setValue(10)
-    with qtbot.waitSignal(page.state.loaded_changed, timeout=60_000):
-        play.generate_button.click()
-    qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
+    play.generate_button.click()
+    qtbot.waitUntil(lambda: play.worker is None and not page.state.session.holders(), timeout=60_000)
     mlp = setup["entries"]["mlp-wide"].id
+    qtbot.waitUntil(lambda: mlp in page.model.on_model, timeout=10_000)
     assert mlp in lora.adapter_names(model) and lora.active_adapters(model) == []  # loaded, left inactive
     assert page.model.on_model[mlp] == "loaded"  # the Library heard of it
     assert play.panes[1].choice.currentText() == "adapter: mlp-wide"

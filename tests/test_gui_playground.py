@@ -40,12 +40,14 @@ def _load(qtbot, page):
     return page.state.loaded
 
 
-def _add_adapter(model, name="tuned", seed=3):
-    lora.inject_adapter(model, TARGETS, name, rank=4)
-    torch.manual_seed(seed)
-    for _, layer in lora.lora_layers(model):
-        if name in layer.lora_B:
-            torch.nn.init.normal_(layer.lora_B[name], std=2.0)
+def _add_adapter(page, name="tuned", seed=3):
+    """An adapter with random B put on the model as a job of the session (which then shows it)."""
+    with page.state.session.job("apply") as loaded:
+        lora.inject_adapter(loaded.model, TARGETS, name, rank=4)
+        torch.manual_seed(seed)
+        for _, layer in lora.lora_layers(loaded.model):
+            if name in layer.lora_B:
+                torch.nn.init.normal_(layer.lora_B[name], std=2.0)
 
 
 def _run(qtbot, page):
@@ -59,7 +61,7 @@ def test_base_and_adapter_answers_stream_side_by_side(qtbot, page):
     loaded = _load(qtbot, page)
     assert page.generate_button.isEnabled()
     assert "No adapter yet" in page.availability.text()
-    _add_adapter(loaded.model)
+    _add_adapter(page)
     page.state.library_changed.emit()  # what the Library page says after applying an adapter
     assert [page.panes[1].choice.itemText(i) for i in range(page.panes[1].choice.count())] == [BASE, "adapter: tuned"]
     assert page.panes[0].selected() is None and page.panes[1].selected()["name"] == "tuned"
@@ -86,8 +88,8 @@ def test_base_and_adapter_answers_stream_side_by_side(qtbot, page):
 
 def test_two_adapters_and_streamed_pieces(qtbot, page):
     loaded = _load(qtbot, page)
-    _add_adapter(loaded.model, "one", seed=1)
-    _add_adapter(loaded.model, "two", seed=2)
+    _add_adapter(page, "one", seed=1)
+    _add_adapter(page, "two", seed=2)
     page.refresh()
     assert page.panes[0].select_adapter("one") and page.panes[1].select_adapter("two")
     page.refresh()  # a refresh keeps what the user chose
@@ -115,15 +117,22 @@ def test_stop_ends_generation(qtbot, page):
     assert any(p.stats.text() in ("stopped", "not generated") for p in page.panes)
 
 
-def test_no_generation_while_training(qtbot, page):
-    _load(qtbot, page)
+def test_no_generation_while_training_holds_the_model(qtbot, page):
+    """Generate while a run holds the model is refused with the session's message naming the run."""
+    loaded = _load(qtbot, page)
+    errors = []
+    page.state.error.connect(errors.append)
+    ticket = page.state.session.acquire("train", "training (step 2 of 40)")
     page.state.set_training(True)
-    assert not page.generate_button.isEnabled()
-    assert "training" in page.availability.text()
-    page.generate()  # a stray call does nothing
-    assert page.worker is None
+    assert "The model is busy: training (step 2 of 40) is running" in page.availability.text()
+    page.generate_button.click()
+    assert page.worker is None and errors == [
+        "The model is busy: training (step 2 of 40) is running; wait for it to end or stop it"]
+    ticket.release()
     page.state.set_training(False)
-    assert page.generate_button.isEnabled()
+    qtbot.waitUntil(lambda: "busy" not in page.availability.text(), timeout=5_000)
+    _run(qtbot, page)
+    assert len(page.results) == 2 and page.state.loaded is loaded
 
 
 def test_settings_round_trip(qtbot, page, tmp_path):

@@ -7,7 +7,6 @@ ones off to the right."""
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyMod
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication, QTableView
 
+from core.library_jobs import Compat  # noqa: F401  (the table's rows carry core's answer)
 from studio.widgets import format_bytes, format_count
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -31,18 +31,6 @@ HEADER_TIPS = {"base_model": "The base model it was trained on", "rank": "Rank r
                "params": "Trainable parameters: Σ r·(d_in + d_out) over the adapted matrices",
                "on_model": "How the adapter is on the loaded model: active, merged into the weights, or "
                            "loaded but inactive"}
-
-
-@dataclass
-class Compat:
-    """Whether an entry can be applied to the loaded model (core.library.check_adapter's answer)."""
-
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _created(text: str, *, short: bool = False) -> str:

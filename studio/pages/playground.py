@@ -1,14 +1,14 @@
 """Playground: one prompt, two answers side by side (the base model and an adapter, or any two).
 
-The model is the one loaded in the session (``state.loaded``); each pane names what answers: "Base
-model" (no adapter active, through ``core.lora.set_active_adapters(model, [])``), one of the
-adapters on the model, or any adapter of the library (put on the model with
-``core.adapter.load_adapter`` under its library id when first used, as the Library's Apply does, so
-the adapter just trained is one click away). Both answers are generated one after the other
-in one worker (they share the model, so they cannot run at once), streamed token by token by
-:mod:`core.generate`; Stop ends the current answer within one token. Generation never runs while
-the model trains: the Generate button is disabled with the reason, and a running generation is
-stopped when training starts.
+The model is the session's (core.session: what is on it is read from ``session.view``); each pane
+names what answers: "Base model" (no adapter active), one of the adapters on the model, or any
+adapter of the library (put on the model under its library id when first used, as the Library's
+Apply does, so the adapter just trained is one click away). Both answers are generated one after
+the other in one worker by core.library_jobs.generate_answers under a "generate" ticket, streamed
+token by token; Stop ends the current answer within one token. Generation switches the active
+adapter, so it never runs beside another job on the model: Generate while one holds the model (a
+run training, a Library merge) is refused with the session's message naming that job, and a
+running generation is stopped when training starts.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
                                QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
+from core.library_jobs import generate_answers  # noqa: F401  (the Playground's job, kept importable here)
 from studio import workers
 from studio.pages import Page, setting
 
@@ -27,43 +28,6 @@ STOP_REASONS = {"eos": "ended its turn", "length": "reached the token limit", "c
 DEFAULT_PROMPT = "Two large oat milk lattes with an extra shot, please."
 """An order like those of the bundled sample dataset: after the first run on it, the adapter's answer
 (the order as JSON) and the base model's (a chat reply) differ at a glance."""
-
-
-def generate_answers(model, tokenizer, prompt: str, choices: list[dict | None], settings: dict, *,
-                     progress, cancelled) -> list:
-    """Runs in the worker thread: answer ``prompt`` once per choice, in order, restoring the model's
-    active adapters afterwards.
-
-    A choice is None (the base model) or ``{"name": adapter name on the model, "folder": library
-    folder or None}``; an adapter not on the model yet is loaded from its folder first (its shapes
-    are checked before the model is touched). Progress items: ``("loaded", name)``, ``("start", i)``,
-    ``("token", i, piece)``, ``("done", i, Generation)``.
-    """
-    from core import adapter as adapter_io
-    from core import chat, lora
-    from core.generate import generate_with_details
-
-    for choice in choices:
-        if choice is not None and choice["name"] not in lora.adapter_names(model):
-            adapter_io.load_adapter(model, choice["folder"], name=choice["name"], activate=False)
-            progress(("loaded", choice["name"]))
-    saved = lora.active_adapters(model)
-    results = []
-    try:
-        for i, choice in enumerate(choices):
-            if cancelled():
-                break
-            lora.set_active_adapters(model, [] if choice is None else [choice["name"]])
-            progress(("start", i))
-            # an adapter trained on plain text or a chosen template is prompted the way it was trained
-            trained = chat.tokenizer_for_adapter(tokenizer, choice["folder"]) if choice and choice.get("folder") else None
-            g = generate_with_details(model, trained or tokenizer, prompt, stop=cancelled, as_trained=trained is not None,
-                                      on_token=lambda piece, i=i: progress(("token", i, piece)), **settings)
-            progress(("done", i, g))
-            results.append(g)
-    finally:
-        lora.set_active_adapters(model, saved)
-    return results
 
 
 def library_entries() -> list:
@@ -79,14 +43,6 @@ def library_entries() -> list:
 def library_names() -> dict[str, str]:
     """Library entry names by id: the Library puts an adapter on the model under its id."""
     return {e.id: e.name for e in library_entries()}
-
-
-def load_session_model(spec: str, device: str, precision: str, trust: bool, *, progress):
-    """Runs in the worker thread: the chosen base model, ready to generate."""
-    from core import models
-
-    return models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
-                             progress=lambda m, f: progress((m, f)))
 
 
 class AnswerPane(QFrame):
@@ -281,6 +237,7 @@ class PlaygroundPage(Page):
         lay.addWidget(split, 1)
 
         state.loaded_changed.connect(self.refresh)
+        state.session_changed.connect(self.refresh)
         state.training_changed.connect(self._training_changed)
         state.library_changed.connect(self.refresh)
         state.config_changed.connect(lambda part: part in ("model", "all") and self.refresh())
@@ -290,15 +247,12 @@ class PlaygroundPage(Page):
     def refresh(self, *_) -> None:
         """Update the choices (the adapters now on the model) and what is enabled, with the reason."""
         loaded = self.state.loaded
+        view = self.state.session.view
         adapters: list[str] = []
         merged: list[str] = []
         library = library_entries()
-        if loaded is not None:
-            from core import lora
-
-            adapters = lora.adapter_names(loaded.model)
-            merged = lora.merged_adapters(loaded.model)
-            active = lora.active_adapters(loaded.model)
+        if view is not None:
+            adapters, merged, active = list(view.adapters), list(view.merged), list(view.active)
             # B defaults to the active adapter, else the newest of the library (the one just trained)
             preferred = (active or adapters or [e.id for e in library] or [None])[0]
             self.panes[0].set_choices(adapters, library, None)
@@ -312,8 +266,8 @@ class PlaygroundPage(Page):
         reason = ""
         if loaded is None:
             reason = "No model is loaded: load the model chosen on the Model page to generate."
-        elif self.state.training:
-            reason = "The model is training; generation is available again when the run ends."
+        elif self.worker is None and self.state.session.busy_message("generate"):
+            reason = self.state.session.busy_message("generate")
         elif not adapters and not library:
             reason = ("No adapter yet: both answers come from the base model. Train one on the Train page "
                       "(or import one in the Library) to compare.")
@@ -323,8 +277,8 @@ class PlaygroundPage(Page):
         self.availability.setText(reason)
         loading = self.load_worker is not None
         self.load_button.setVisible(loaded is None)
-        self.load_button.setEnabled(not loading and not self.state.training)
-        self.generate_button.setEnabled(loaded is not None and not self.state.training and not busy and not loading)
+        self.load_button.setEnabled(not loading)
+        self.generate_button.setEnabled(loaded is not None and not busy and not loading)
         self.stop_button.setEnabled(busy)
         for p in self.panes:
             p.choice.setEnabled(not busy)
@@ -350,10 +304,16 @@ class PlaygroundPage(Page):
 
     # -- loading the model ------------------------------------------------------------------------
     def load_model(self) -> None:
+        from core.library_jobs import load_into_session
+
         if self.load_worker is not None or self.state.loaded is not None:
             return
+        ticket = self.state.claim("load", need_model=False)
+        if ticket is None:
+            return
         m = self.state.config.model
-        w = workers.FunctionWorker(load_session_model, m.source, m.device, m.precision, m.trust_remote_code)
+        w = workers.FunctionWorker(load_into_session, ticket, m.source, m.device, m.precision, m.trust_remote_code,
+                                   m.quantize)
         self.load_worker = w
         self.load_bar.setValue(0)
         self.load_bar.setFormat("loading the model…")
@@ -362,7 +322,7 @@ class PlaygroundPage(Page):
         w.finished.connect(self._loaded)
         w.failed.connect(self.state.show_error)
         w.done.connect(self._load_done)
-        workers.start(w, owner=self)
+        workers.start(w, owner=self, ticket=ticket)
         self.refresh()
 
     def _load_progress(self, p) -> None:
@@ -371,8 +331,7 @@ class PlaygroundPage(Page):
         self.load_bar.setFormat(f"{message} (%p%)")
 
     def _loaded(self, loaded) -> None:
-        if self.state.loaded is None:
-            self.state.set_loaded(loaded)
+        self.state.set_loaded(self.state.loaded)  # announces the model the job gave the session
 
     def _load_done(self) -> None:
         self.load_worker = None
@@ -390,26 +349,29 @@ class PlaygroundPage(Page):
         return s
 
     def generate(self) -> None:
-        loaded = self.state.loaded
-        if self.worker is not None or loaded is None or self.state.training:
+        from core.library_jobs import answers_on
+
+        if self.worker is not None:
             return
         prompt = self.prompt.toPlainText().strip()
         if not prompt:
             self.state.show_error("The prompt is empty: type something for the model to answer.")
             return
+        ticket = self.state.claim("generate", "a Playground generation")
+        if ticket is None:  # no model, or another job holds it: the message says which
+            return
         choices = [p.selected() for p in self.panes]
         for p in self.panes:
             p.clear()
         self.results = []
-        w = workers.FunctionWorker(generate_answers, loaded.model, loaded.tokenizer, prompt, choices,
-                                   self.generation_settings())
+        w = workers.FunctionWorker(ticket.run, answers_on, prompt, choices, self.generation_settings())
         self.worker = w
         w.progress.connect(self._on_progress)
         w.finished.connect(self._on_finished)
         w.failed.connect(self._on_failed)
         w.cancelled.connect(self._on_cancelled)
         w.done.connect(self._on_done)
-        workers.start(w, owner=self)
+        workers.start(w, owner=self, ticket=ticket)
         self.state.say("generating…")
         self.refresh()
 
@@ -452,9 +414,7 @@ class PlaygroundPage(Page):
 
     def _on_done(self) -> None:
         self.worker = None
-        if self.loaded_adapters:  # adapters went onto the model: the Library shows them as on it
-            self.loaded_adapters = False
-            self.state.loaded_changed.emit(self.state.loaded)
+        self.loaded_adapters = False  # the session's view, taken when the ticket is back, shows them
         self.refresh()
 
     # -- window hooks -----------------------------------------------------------------------------

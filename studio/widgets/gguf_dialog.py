@@ -194,8 +194,8 @@ def export_from_library(page) -> None:
         combo = page.ask_combine(entries, "Export GGUF", False)
         if not combo:
             return
-    loaded = page.state.loaded
-    spec = loaded.spec if loaded is not None else page.state.config.model.source
+    view = page.state.session.view  # what is loaded, read without touching the model
+    spec = view.spec if view is not None else page.state.config.model.source
     info = page.state.model_info
     params = (info.summary if info is not None else {}).get("parameters")
     adapter_params = sum(int(e.trainable_params or 0) for e in entries) or None
@@ -212,5 +212,9 @@ def export_from_library(page) -> None:
         page.state.say(f"{Path(report['out']).name} ({format_bytes(report['size_bytes'])}) and its Modelfile "
                        f"written to {Path(report['out']).parent}, checked against the merged model{extra}")
 
+    # it merges into its own copy of the base: a shared ticket, so nothing changes the model meanwhile
+    ticket = page.state.claim("export", "a GGUF export", need_model=False)
+    if ticket is None:
+        return
     page._run_job("Exporting GGUF", run_export, spec, [str(e.path) for e in entries], combo["weights"],
-                  combo["mode"], combo["rank"], values, on_done=done)
+                  combo["mode"], combo["rank"], values, on_done=done, ticket=ticket)
