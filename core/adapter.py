@@ -126,9 +126,9 @@ class AdapterFiles:
 
 def _model_fingerprint(model: nn.Module) -> dict | None:
     try:
-        from core.models import fingerprint
-    except ModuleNotFoundError as e:  # core.models is optional for the engine; the check only warns
-        if e.name != "core.models":
+        from core.fingerprint import fingerprint
+    except ModuleNotFoundError as e:  # core.fingerprint is optional for the engine; the check only warns
+        if e.name != "core.fingerprint":
             raise
         return None
     return fingerprint(model)

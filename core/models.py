@@ -18,19 +18,14 @@ Here: :func:`load_config`, :func:`meta_model` (shapes without weights), :func:`l
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from core import safeio
 from core.errors import StudioError
+from core.fingerprint import fingerprint
 from core.gguf_convert import (CONVERSION, SOURCE_FILE, _check_gguf, _conversion_dtype,  # noqa: F401
                                _converted_folder, _converted_folders, _converted_ok, _gguf_header,
                                checkpoint_folder)
@@ -39,7 +34,12 @@ from core.model_sources import (BUNDLED_GGUF, BUNDLED_NAME, BUNDLED_PACKAGE, BUN
                                 _check_folder, _first_line, _pickle_error, _say, _weight_files,
                                 add_user_model, bundled_gguf, hf_cache_dir, list_models, remove_user_model,
                                 resolve)
+from core.model_summary import _cfg, _context_length, _folder_dtype, summary  # noqa: F401
 from core.tokenizer import _ensure_pad_token, _tokenizer_from_folder, load_tokenizer  # noqa: F401
+
+if TYPE_CHECKING:  # torch is imported when a model is built or a device picked, not with this module
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -136,6 +136,7 @@ def load_config(spec: str, trust_remote_code: bool = False):
 
 
 def _build_on_meta(ref: ModelRef, config, trust_remote_code: bool) -> nn.Module:
+    import torch
     from transformers import AutoModelForCausalLM
 
     try:
@@ -158,6 +159,8 @@ def meta_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
 # -- device and precision --------------------------------------------------------------------------
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
 
@@ -165,6 +168,8 @@ def _mps_available() -> bool:
 def pick_device(device: str = "auto") -> torch.device:
     """``auto``: CUDA if present, else Apple MPS, else the CPU. ``cuda``, ``cuda:N``, ``mps`` and ``cpu``
     are checked against what this machine (and this torch build) has."""
+    import torch
+
     d = (device or "auto").strip().lower()
     if d == "auto":
         if torch.cuda.is_available():
@@ -193,11 +198,13 @@ def pick_device(device: str = "auto") -> torch.device:
     raise StudioError(f"--device: '{device}' is not one of auto, cpu, cuda, mps")
 
 
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""``--precision`` → the torch dtype's name (``_PRECISIONS``, built when first asked for: → the dtype)."""
 
 
 def precision_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _PRECISIONS.items()}.get(dtype, str(dtype).replace("torch.", ""))
+    name = str(dtype).replace("torch.", "")
+    return {v: k for k, v in _PRECISION_NAMES.items()}.get(name, name)
 
 
 def pick_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype:
@@ -214,15 +221,17 @@ def pick_dtype(device: str | torch.device, precision: str = "auto") -> torch.dty
     (allowed: it halves memory, and CPUs with AVX-512 BF16/AMX run it fast; slower elsewhere);
     ``fp16`` on CUDA and MPS, refused on the CPU (slow there, and no better than bf16 for memory).
     """
+    import torch
+
     dev = device if isinstance(device, torch.device) else pick_device(str(device))
     p = (precision or "auto").strip().lower()
     if p == "auto":
         if dev.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if p not in _PRECISIONS:
+    if p not in _PRECISION_NAMES:
         raise StudioError(f"--precision: '{precision}' is not one of auto, fp32, bf16, fp16")
-    dtype = _PRECISIONS[p]
+    dtype = getattr(torch, _PRECISION_NAMES[p])
     if dev.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise StudioError(f"--precision bf16: {torch.cuda.get_device_name(dev)} does not support bf16",
                           hint="use --precision fp16 (or auto)")
@@ -332,228 +341,18 @@ def _from_pretrained(ref: ModelRef, folder: Path, config, dtype: torch.dtype, tr
                           hint="download or copy the model again") from None
 
 
-# -- fingerprint -----------------------------------------------------------------------------------
-
-_CONTENT_MAX = 2**24  # elements; a tensor hashed in full must stay cheap (64 MiB in fp32)
-
-
-def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the base model's parameters in model order, LoRA matrices left out and
-    LoRALinear's ``.base_layer`` taken out of names, each shared tensor once."""
-    out = []
-    for name, p in model.named_parameters(remove_duplicate=True):
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        out.append((name.replace(".base_layer.", "."), p))
-    return out
-
-
-def _quantized_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """Base-parameter name (as :func:`_base_parameters` spells it) → its bitsandbytes layer, for the
-    weights stored packed in 4 or 8 bits."""
-    from core import quant
-
-    out = {}
-    for name, m in model.named_modules():
-        if quant.is_quantized_layer(m):
-            out[(name + ".").replace(".base_layer.", ".") + "weight"] = m
-    return out
-
-
-def _as_unquantized(name: str, p: torch.Tensor, packed: dict[str, nn.Module]) -> tuple[list[int], Callable]:
-    """A base parameter's shape and (lazily) values as the unquantised model holds them: a packed
-    weight's logical shape and dequantised values, a Conv1D's transposed back."""
-    from core import quant
-
-    module = packed.get(name)
-    if module is None:
-        return list(p.shape), lambda: p.detach()
-    flip = quant.stored_transposed(module)
-    shape = list(quant.logical_shape(p))
-    if flip:
-        shape.reverse()
-
-    def values():
-        w = quant.dequantized_weight(module, torch.float32)
-        return w.t() if flip else w
-
-    return shape, values
-
-
-def _unmerged_views(model: nn.Module, packed: dict[str, nn.Module]) -> dict[str, tuple[list[int], Callable]]:
-    """Base-parameter name → (shape, values) of each LoRA layer's weight as loaded, whatever is merged."""
-    from core import lora
-
-    out = {}
-    for name, layer in lora.lora_layers(model):
-        key = name + ".weight"
-        if key in packed or not layer.merged:  # quantised layers never merge; unmerged: the weight itself
-            continue
-        out[key] = (list(layer.base_layer.weight.shape), lambda layer=layer: layer.base_weight())
-    return out
-
-
-def fingerprint(model: nn.Module) -> dict:
-    """Is this the same base model? Two cheap, deterministic hashes.
-
-    * ``shapes``: sha256 of the sorted ``(name, shape)`` list: the architecture;
-    * ``content``: sha256 of the values of three fixed parameters (the first, middle and last of those
-      with at most 2^24 elements, in model order), each rounded to bf16 and hashed as fp32 bytes on the
-      CPU. Rounding to bf16 first makes an fp32 load and a bf16 load of one checkpoint agree (an fp16
-      load of an fp32 checkpoint may round some values differently; the check only warns).
-      ``None`` for a model on the meta device.
-    A base quantised with bitsandbytes (core.quant) has the unquantised model's shapes (a packed
-    weight counts with its logical shape), so an adapter trained on a 4-bit base fits the full one;
-    its content hashes the dequantised values, which differ from the full model's (the check warns).
-    Adapters injected with core.lora do not change either hash, merged or not: a LoRA layer's weight
-    is hashed as loaded (``LoRALinear.base_weight``: W0 itself for bf16/fp16; for fp32, W − Σ merged ΔW,
-    exact to fp32 rounding only, which is why a long-lived model is checked by its
-    ``LoadedModel.fingerprint``, taken at load).
-    ``tensors`` names the hashed ones and ``dtype`` and ``parameters`` are informational.
-    """
-    from core import quant
-
-    params = _base_parameters(model)
-    packed = _quantized_weights(model)
-    views = {n: _as_unquantized(n, p, packed) for n, p in params}
-    views.update(_unmerged_views(model, packed))
-    shapes = sorted((n, views[n][0]) for n, _ in params)
-    shape_hash = hashlib.sha256(json.dumps(shapes, separators=(",", ":")).encode()).hexdigest()
-    numel = {n: math.prod(views[n][0]) for n, _ in params}
-    candidates = [(n, p) for n, p in params if numel[n] <= _CONTENT_MAX]
-    chosen = []
-    if candidates:
-        for i in (0, len(candidates) // 2, len(candidates) - 1):
-            if candidates[i] not in chosen:
-                chosen.append(candidates[i])
-    content = None
-    if chosen and not any(p.is_meta for _, p in chosen):
-        h = hashlib.sha256()
-        for name, _ in chosen:
-            shape, values = views[name]
-            flat = values().to("cpu", torch.bfloat16).to(torch.float32).contiguous()
-            h.update(name.encode())
-            h.update(json.dumps(shape).encode())
-            h.update(flat.numpy().tobytes())
-        content = h.hexdigest()
-    dtypes = {quant.layer_method(packed[n]) if n in packed else str(p.dtype).replace("torch.", "")
-              for n, p in params}
-    return {"shapes": shape_hash, "content": content, "tensors": [n for n, _ in chosen],
-            "dtype": ",".join(sorted(dtypes)), "parameters": sum(numel.values())}
-
-
-# -- summary ---------------------------------------------------------------------------------------
-
-def _context_length(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def _folder_dtype(folder: Path) -> str | None:
-    """The most common tensor dtype in the checkpoint's first safetensors file (header only)."""
-    files = _weight_files(folder)
-    if not files:
-        return None
-    try:
-        with open(files[0], "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return None
-    counts: dict[str, int] = {}
-    for k, v in header.items():
-        if k != "__metadata__" and isinstance(v, dict):
-            counts[v.get("dtype", "?")] = counts.get(v.get("dtype", "?"), 0) + 1
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-    return names.get(max(counts, key=counts.get), None) if counts else None
-
-
-def _folder_has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    try:
-        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return bool(cfg.get("chat_template"))
-    except (OSError, ValueError):
-        return False
-
-
-def summary(spec: str, trust_remote_code: bool = False) -> dict:
-    """What the window's model page and ``models --json`` show, without loading weights.
-
-    Keys: name, kind, spec, path, architecture, model_type, parameters (exact, counted on the meta
-    model, a tied embedding once), layers, hidden_size, intermediate_size, attention_heads,
-    kv_heads, vocab_size, dtype (as stored: float32/bfloat16/..., or e.g. ``GGUF Q4_1``),
-    context_length, chat_template (bool), tied_embeddings (bool), converted (GGUF: cache ready),
-    size_bytes.
-    """
-    from core.targets import count_parameters
-
-    ref = resolve(spec)
-    config = load_config(spec, trust_remote_code)
-    model = _build_on_meta(ref, config, trust_remote_code and ref.kind in ("folder", "hub"))
-    out: dict[str, Any] = {"name": ref.name, "kind": ref.kind, "spec": ref.spec, "path": str(ref.path)}
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
-
-    def get(*keys):
-        return _cfg(config, *keys)
-
-    out.update({
-        "architecture": archs[0], "model_type": config.model_type,
-        "parameters": count_parameters(model),
-        "layers": get("num_hidden_layers", "n_layer", "num_layers"),
-        "hidden_size": get("hidden_size", "n_embd", "d_model"),
-        "intermediate_size": get("intermediate_size", "n_inner", "ffn_dim"),
-        "attention_heads": get("num_attention_heads", "n_head"),
-        "kv_heads": get("num_key_value_heads", "num_attention_heads", "n_head"),
-        "vocab_size": get("vocab_size"),
-        "context_length": _context_length(config),
-        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-    })
-    if ref.kind in ("folder", "hub"):
-        stored = _folder_dtype(ref.path)
-        out["dtype"] = stored or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
-        out["chat_template"] = _folder_has_chat_template(ref.path)
-        out["size_bytes"] = sum(f.stat().st_size for f in _weight_files(ref.path) if f.is_file())
-    else:
-        header, metadata = _gguf_header(ref)
-        from transformers.integrations.gguf.dequant import GGML_NAME
-
-        types: dict[str, int] = {}
-        for t in header.tensors:
-            name = GGML_NAME.get(t.ggml_type, {0: "F32", 1: "F16", 30: "BF16"}.get(t.ggml_type, str(t.ggml_type)))
-            types[name] = types.get(name, 0) + t.nbytes
-        out["dtype"] = "GGUF " + max(types, key=types.get)
-        out["chat_template"] = bool(metadata.get("tokenizer.chat_template"))
-        out["size_bytes"] = ref.path.stat().st_size
-        folder = _converted_folder(ref.path)
-        out["converted"] = _converted_ok(folder)
-        out["cache"] = str(folder)
-    return out
-
-
-# -- memory estimate: core/estimate.py -------------------------------------------------------------
-
-def _cfg(config, *keys, default=None):
-    """The first of ``keys`` that ``config`` has (architectures name the same thing differently)."""
-    for k in keys:
-        v = getattr(config, k, None)
-        if v is not None:
-            return v
-    return default
-
-
 _MOVED_TO_ESTIMATE = ("estimate_memory", "ALLOCATOR_ALLOWANCE", "_layer_bytes_per_token", "_estimate")
 
 
 def __getattr__(name: str):
     """``models.estimate_memory`` and friends, which live in :mod:`core.estimate` now (imported when
-    first asked for, so that neither module needs the other to load)."""
+    first asked for, so that neither module needs the other to load), and ``_PRECISIONS``."""
     if name in _MOVED_TO_ESTIMATE:
         from core import estimate
 
         return getattr(estimate, name)
+    if name == "_PRECISIONS":  # core.estimate's: the dtypes, which need torch
+        import torch
+
+        return {k: getattr(torch, v) for k, v in _PRECISION_NAMES.items()}
     raise AttributeError(f"module 'core.models' has no attribute {name!r}")

@@ -442,6 +442,19 @@ def test_tokenizer_of_a_converted_gguf_loads_without_torch(tmp_path):
     assert out[3].strip() == str(reference("Hello there").input_ids)
 
 
+def test_resolving_and_listing_do_not_import_torch():
+    """`lora-studio models` and the window's model list need core.models, not torch (~4 s to import)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from core import models; models.list_models(); models.resolve('default'); "
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert out.strip() == "[]"
+
+
 def test_tokenizer_with_its_own_class_goes_through_autotokenizer(checkpoint):
     """A tokenizer_config.json naming a model-specific class is not read as the plain fast tokenizer."""
     from transformers import AutoTokenizer
