@@ -274,3 +274,53 @@ class ModelSession:
                 fn()
             except Exception:  # noqa: BLE001 - a listener's failure is not the job's
                 pass
+
+
+# -- training on the session's model -------------------------------------------------------------------
+
+def fits_run(loaded, model_cfg) -> bool:
+    """Whether ``loaded`` is the model a run of ``model_cfg`` (core.config.ModelConfig) would load:
+    the same spec, device, dtype and quantisation."""
+    if loaded is None or str(loaded.spec) != str(model_cfg.source):
+        return False
+    from core import models
+
+    device = models.pick_device(model_cfg.device)
+    have = loaded.device if not isinstance(loaded.device, str) else models.pick_device(loaded.device)
+    if have.type != device.type or (device.index is not None and have.index != device.index):
+        return False
+    return (loaded.dtype == models.pick_dtype(device, model_cfg.precision)
+            and (getattr(loaded, "quantize", "none") or "none") == (model_cfg.quantize or "none"))
+
+
+@contextmanager
+def model_for_run(ticket: Ticket, model_cfg, status: Callable[[str, str, float | None], None]) -> Iterator[Any]:
+    """The session's model, ready for a run of ``model_cfg`` under ``ticket`` (an exclusive one).
+
+    The model the session holds is reused when it fits the run (one copy in memory, as on the
+    command line); otherwise it is let go first and the run's model loaded into the session, where
+    it stays after the run. Adapters active on it are switched off for the run and back on after;
+    one merged into the weights refuses the run (it would train on top of it).
+    ``status(kind, message, fraction)`` reports the loading."""
+    from core import lora, models
+
+    loaded = ticket.loaded
+    if not fits_run(loaded, model_cfg):
+        ticket.session.set_loaded(None, ticket=ticket)  # the old weights go before the new ones come
+        loaded = None
+        status("loading", f"loading {model_cfg.source}", 0.0)
+        loaded = models.load_model(model_cfg.source, device=model_cfg.device, precision=model_cfg.precision,
+                                   trust_remote_code=model_cfg.trust_remote_code, quantize=model_cfg.quantize,
+                                   progress=lambda m, f: status("loading", m, f))
+        ticket.session.set_loaded(loaded, ticket=ticket)
+    merged = lora.merged_adapters(loaded.model)
+    if merged:
+        raise StudioError(f"{', '.join(merged)} is merged into the loaded model's weights, so a run would train "
+                          "on top of it", hint="unmerge it first (Library → Unmerge)")
+    saved = lora.active_adapters(loaded.model)
+    lora.set_active_adapters(loaded.model, [])
+    try:
+        yield loaded
+    finally:
+        names = lora.adapter_names(loaded.model)
+        lora.set_active_adapters(loaded.model, [n for n in saved if n in names])

@@ -43,8 +43,10 @@ when ``fn`` accepts those keywords (each one separately), else plain ``fn(*args,
 Raise ``core.errors.Cancelled`` (or just return after seeing ``cancelled()``) to end early; a
 result returned after a cancel is dropped and ``cancelled`` is emitted instead.
 
-``TrainWorker(cfg, resume=False)`` runs ``core.train.Trainer``: every trainer event (StepEvent,
-EvalEvent, StatusEvent) arrives through ``progress``; ``stop()`` and ``pause()`` / ``resume()``
+``TrainWorker(cfg, resume=False, session=None)`` runs ``core.train.Trainer``, on the session's model
+when given one (core.session.model_for_run: the window's model reused, not loaded a second time,
+under a "train" ticket): every trainer event (StepEvent, EvalEvent, StatusEvent) arrives through
+``progress``; ``stop()`` and ``pause()`` / ``resume()``
 map to the trainer's thread-safe flags; a stopped run is *finished* (its adapter was saved), with
 the trainer's RunResult.
 
@@ -386,19 +388,33 @@ class TrainWorker(Worker):
     ``finished(result)`` because its adapter and checkpoint were written.
     """
 
-    def __init__(self, cfg, *, resume: bool = False, loaded=None):
+    def __init__(self, cfg, *, resume: bool = False, loaded=None, session=None, label: str = "training"):
         super().__init__()
         self.cfg = cfg.copy()
         self.resume_run = resume
         self.loaded = loaded
+        self.session = session
+        self.label = label
         self.trainer = None
         self.paused = False
         self._early = threading.Event()  # stop asked before the trainer existed
 
     def work(self) -> Any:
+        if self.session is None:
+            return self._train(self.loaded)
+        from core.session import model_for_run
+        from core.train import StatusEvent
+
+        # queued behind short readers (a check, an analysis); the page refused it if a writer held it
+        with self.session.acquire("train", self.label, wait=True) as ticket:
+            status = lambda kind, message, fraction: self._emit_progress(StatusEvent(kind, message, fraction))  # noqa: E731
+            with model_for_run(ticket, self.cfg.model, status) as loaded:  # the window's model, not a copy
+                return self._train(loaded)
+
+    def _train(self, loaded) -> Any:
         from core.train import Trainer
 
-        self.trainer = Trainer(self.cfg, callback=self._emit_progress, loaded=self.loaded)
+        self.trainer = Trainer(self.cfg, callback=self._emit_progress, loaded=loaded)
         if self._early.is_set():
             self.trainer.request_stop()
         return self.trainer.run(resume=self.resume_run)

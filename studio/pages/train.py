@@ -3,7 +3,9 @@ second, the live loss plot and memory in use; earlier runs (resume one, or load 
 "Copy as command".
 
 Start hands a copy of ``state.config`` to a :class:`studio.workers.TrainWorker`, which runs
-``core.train.Trainer`` in a thread; its events arrive here as signals, the plot appends them to
+``core.train.Trainer`` in a thread on the window's model (the session's, core.session.model_for_run:
+loaded for the run only when the window holds none or another, and kept loaded after it), holding
+it for the run so the Playground and the Library are refused with a message naming the run; its events arrive here as signals, the plot appends them to
 its buffers and redraws on its own timer. A finished run's adapter is adopted into the library
 (``core.library.Library().adopt_run``); a stopped one stays out of it until it is resumed and
 finishes, so the library never holds a partial adapter. A run that fails before its first checkpoint
@@ -264,6 +266,12 @@ class TrainPage(Page):
         if problems:
             self.state.show_error("Cannot start: " + "; ".join(problems))
             return False
+        holder = next((t for t in self.state.session.holders() if t.exclusive), None)
+        if holder is not None:  # a generation, a merge...: the run would change the model under it
+            from core.session import ModelBusy
+
+            self.state.show_error(str(ModelBusy("train", holder)))
+            return False
         self._forget_failure()
         self.run_dir = resume_dir or cfg.out
         self.last_result = None
@@ -277,7 +285,9 @@ class TrainPage(Page):
         for lab in (self.eta_label, self.speed_label, self.loss_label, self.memory_label):
             lab.setText("–")
         self.folder_label.setText(f"Run folder: {self.run_dir}")
-        w = workers.TrainWorker(cfg, resume=resume_dir is not None)
+        # on the window's model (loaded for the run when it has none, or another): never a second copy
+        w = workers.TrainWorker(cfg, resume=resume_dir is not None, session=self.state.session,
+                                label=f"training {cfg.name or Path(self.run_dir).name}")
         self.worker = w
         w.progress.connect(self.on_event)
         w.finished.connect(self._on_finished)
