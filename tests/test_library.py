@@ -296,6 +296,7 @@ def test_zip_slip_and_links_are_refused(lib, tmp_path):
 
 def test_zip_bomb_member_is_refused(lib, tmp_path, monkeypatch):
     import core.library as library
+    import core.library_zip as library_zip
 
     src = peft_adapter(tmp_path / "a")
     z = tmp_path / "bomb.zip"
@@ -304,7 +305,7 @@ def test_zip_bomb_member_is_refused(lib, tmp_path, monkeypatch):
         zf.writestr("adapter_model.safetensors", b"\0" * (8 << 20))
     with pytest.raises(StudioError, match="zip bomb"):
         lib.import_path(z)
-    monkeypatch.setattr(library, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(library_zip, "MAX_FILE_BYTES", 1000)
     with pytest.raises(StudioError, match="limit"):
         lib.import_path(z)
 
