@@ -21,6 +21,8 @@ from studio.pages import Page, page_classes
 from studio.state import StudioState
 
 APP_NAME = "LoRA Studio"
+CLOSE_GRACE_S = 30.0
+"""How long, after the window closed, the process waits for cancelled jobs to end by themselves."""
 
 
 def settings() -> QSettings:
@@ -258,8 +260,10 @@ class MainWindow(QMainWindow):
             self.pages[row].page_shown()
 
     def closeEvent(self, event) -> None:
-        """Closing during a run asks first (stop and save / keep training / cancel) and never waits
-        for the run on this thread: the window closes itself once the run has saved."""
+        """Closing during a run asks first (stop and save / keep training / cancel). Any other job (a
+        generation, an export, a conversion) is asked to stop at its next safe point and the window
+        closes at once: nothing here waits for a worker on this thread. The process then ends by
+        itself when the last job has ended (see :meth:`_quit_when_jobs_end`)."""
         train = self.page("train")
         if train is not None and train.busy:
             event.ignore()
@@ -268,18 +272,36 @@ class MainWindow(QMainWindow):
             return
         self._closing = True
         self.save_settings()
-        self.hide()
         for p in self.pages:
             try:
                 p.shutdown()
             except Exception:  # noqa: BLE001
                 pass
-        # Only short jobs can be left (reading a model's facts); one that cannot stop at once (a
-        # first-use conversion, staged and moved into place only when complete) is left to run()'s
-        # exit instead of holding this thread.
-        if not workers.stop_all(timeout_ms=3_000):
-            workers.log.warning("a worker did not stop within 3 s of closing the window")
+        if workers.cancel_all():
+            self._quit_when_jobs_end()
         super().closeEvent(event)
+
+    def _quit_when_jobs_end(self) -> None:
+        """Keep the event loop (not the window) alive until the cancelled jobs have saved what they
+        must and ended, then quit; a job that is still running after CLOSE_GRACE_S is left to
+        run()'s exit (its output is staged and moved into place only when complete)."""
+        app = QApplication.instance()
+        if app is None:
+            return
+        app.setQuitOnLastWindowClosed(False)
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        timer = QTimer(app)  # the application's: the window may be deleted before the jobs end
+
+        def check() -> None:
+            if not workers.running() or time.monotonic() > deadline:
+                timer.stop()
+                timer.deleteLater()
+                app.setQuitOnLastWindowClosed(True)
+                if not any(w.isVisible() for w in app.topLevelWidgets()):
+                    app.quit()
+
+        timer.timeout.connect(check)
+        timer.start(50)
 
     def _ask_close(self, train) -> None:
         from PySide6.QtWidgets import QMessageBox
@@ -333,7 +355,7 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     gc_guard.install()
     if not getattr(app, "_studio_quit_hook", False):
         # Threads still running when the application quits would abort the process.
-        app.aboutToQuit.connect(lambda: workers.stop_all(timeout_ms=3_000))
+        app.aboutToQuit.connect(lambda: workers.stop_all(timeout_ms=1_000))
         app._studio_quit_hook = True
     try:
         from core.home import RESOURCES
@@ -366,11 +388,17 @@ def run(*, smoke: bool = False, t0: float | None = None) -> int:
         window._background = False
         window.close()
         return 0 if shown else 1
-    rc = app.exec()
+    return leave(app.exec())
+
+
+def leave(rc: int) -> int:
+    """After the event loop: ``rc``, or, when a job outlived the window's grace period (a first-use
+    model conversion cannot be interrupted), leave the process without it. Its output is staged
+    and only moved into place when complete, so nothing half-written remains; Qt would abort the
+    process over a running thread at exit."""
     if workers.running():
-        # A job that cannot be interrupted (a first-use model conversion) outlived the 3 s wait:
-        # leave without it. Its output is staged and only moved into place when complete, so
-        # nothing half-written remains; Qt would abort the process over the running thread.
         workers.log.warning("leaving with %d job(s) still running", len(workers.running()))
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(rc)
     return rc
