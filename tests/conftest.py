@@ -14,6 +14,53 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# -- no silent skips --------------------------------------------------------------------------------
+# A skipped test is a test that did not run, and a suite that skips quietly (a missing `peft`, an
+# import error in our own modules turned into a skip, a `skipif` that is always true here) passes
+# while testing less. So a skip is a failure unless the test is marked `gpu` and this machine has no
+# CUDA device; an `importorskip` or a `skip` at module level fails its module the same way.
+
+TEST_EXTRAS = ("peft", "pytestqt", "hypothesis", "sacrebleu", "rouge_score")
+"""What the extras "test" and "eval" install: the tests' oracles and plugins. A missing one fails the
+whole session at its start, by name, rather than erroring (or skipping) test by test."""
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+
+    missing = [name for name in TEST_EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise pytest.UsageError(f"the tests need {', '.join(missing)} (install the extras: pip install -e "
+                                "'.[test,quant,eval]' -c packaging/constraints.txt); no test skips for a missing package")
+
+
+def _skip_allowed(item) -> bool:
+    return item.get_closest_marker("gpu") is not None and not torch.cuda.is_available()
+
+
+def _as_failure(report, where: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"{where} skipped ({reason}), and only tests marked gpu may skip, on a machine "
+                       "without CUDA: make it run here, or mark it gpu (tests/conftest.py)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and not _skip_allowed(item):
+        _as_failure(report, item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        _as_failure(report, collector.nodeid or "the test session")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` (tests/test_gpu.py: the CUDA, bf16/fp16 and bitsandbytes-on-CUDA paths)
     are skipped where torch sees no CUDA device, and only there: on a machine with one they run, and a
@@ -171,3 +218,39 @@ def sum_assets(root, rows: int):
     data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."})
                             + "\n" for i in range(rows)))
     return ck, data
+
+
+def _recording_trainer():
+    from core.train import Trainer
+
+    class RecordingTrainer(Trainer):
+        """The trainer, keeping a copy of every batch it feeds the model (training and evaluation) in
+        ``seen``, in order."""
+
+        def _batch(self, *args, **kwargs):
+            batch = super()._batch(*args, **kwargs)
+            self.seen = getattr(self, "seen", [])
+            self.seen.append({k: v.detach().clone() for k, v in batch.items()})
+            return batch
+
+    return RecordingTrainer
+
+
+def __getattr__(name):  # RecordingTrainer is built on first use: importing core.train here costs seconds
+    if name == "RecordingTrainer":
+        return _recording_trainer()
+    raise AttributeError(name)
+
+
+def reference_loss(model, batches) -> tuple[float, int]:
+    """transformers' own ``model(..., labels=labels).loss`` over several batches, each weighted by its
+    trained tokens, and their count: the outside reference of the trainer's loss (transformers shifts
+    the labels itself: token t+1 is predicted from positions up to t; -100 is not trained)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            n = int((b["labels"][:, 1:] != -100).sum())
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            total += float(out.loss) * n
+            tokens += n
+    return total / tokens, tokens

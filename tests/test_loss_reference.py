@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENIZER_VOCAB, sum_assets, tiny_checkpoint, tiny_gpt2, tiny_tokenizer
+from conftest import TOKENIZER_VOCAB, RecordingTrainer, reference_loss, sum_assets, tiny_checkpoint, tiny_gpt2, tiny_tokenizer
 
 from core import runs
 from core.config import RunConfig
 from core.data import IGNORE
-from core.train import Trainer
 
 
 @pytest.fixture(autouse=True)
 def one_thread(one_torch_thread):
     yield
-
-
-class RecordingTrainer(Trainer):
-    """The trainer, keeping a copy of every micro-batch it feeds the model."""
-
-    def _batch(self, indices):
-        batch = super()._batch(indices)
-        self.seen = getattr(self, "seen", [])
-        self.seen.append({k: v.detach().clone() for k, v in batch.items()})
-        return batch
 
 
 def _gpt2_checkpoint(folder):
@@ -47,7 +36,7 @@ def _gpt2_checkpoint(folder):
     return folder
 
 
-def _run(ck, data, out, steps: int) -> RecordingTrainer:
+def _run(ck, data, out, steps: int):
     cfg = RunConfig()
     cfg.model.source, cfg.model.device, cfg.model.precision = str(ck), "cpu", "fp32"
     cfg.data.path, cfg.data.max_length = str(data), 48
@@ -59,19 +48,6 @@ def _run(ck, data, out, steps: int) -> RecordingTrainer:
     trainer = RecordingTrainer(cfg)
     assert trainer.run().status == "finished"
     return trainer
-
-
-def _reference(model, batches) -> tuple[float, int]:
-    """transformers' mean loss over several micro-batches, each weighted by its trained tokens (the
-    labels are shifted inside transformers: token t+1 is predicted from positions ≤ t)."""
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for b in batches:
-            n = int((b["labels"][:, 1:] != IGNORE).sum())
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-            total += float(out.loss) * n
-            tokens += n
-    return total / tokens, tokens
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -99,7 +75,7 @@ def test_logged_loss_equals_transformers_and_peft_on_the_same_batches(arch, tmp_
 
     # step 1: the adapter's B is zero, so the model is the base exactly as transformers loads it
     base = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
-    ref1, n1 = _reference(base, two.seen[:2])
+    ref1, n1 = reference_loss(base, two.seen[:2])
     assert rows[0]["trained_tokens"] == n1
     assert rows[0]["loss"] == pytest.approx(ref1, rel=1e-5)
 
@@ -107,8 +83,8 @@ def test_logged_loss_equals_transformers_and_peft_on_the_same_batches(arch, tmp_
     _run(ck, data, tmp_path / "one", steps=1)
     tuned = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32),
                                            str(tmp_path / "one" / "adapter")).eval()
-    ref2, n2 = _reference(tuned, two.seen[2:])
+    ref2, n2 = reference_loss(tuned, two.seen[2:])
     assert rows[1]["trained_tokens"] == n2
     assert rows[1]["loss"] == pytest.approx(ref2, rel=1e-5)
     # the step moved the loss (lr 2e-2), so the step-2 check is not the base's loss again
-    assert abs(ref2 - _reference(base, two.seen[2:])[0]) > 1e-3
+    assert abs(ref2 - reference_loss(base, two.seen[2:])[0]) > 1e-3
