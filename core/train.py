@@ -63,7 +63,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core import lora, runs
+from core import atomic, lora, runs
 from core.config import RunConfig
 from core.errors import Cancelled, StudioError
 from core.loss import loss_sum as head_loss_sum
@@ -238,6 +238,27 @@ def make_adamw(params: list[torch.Tensor], *, lr: float, weight_decay: float = 0
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype the fused kernel lacks
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _check_groups(saved: list[dict], current: list[dict]) -> None:
+    """A checkpoint's optimizer groups hold every setting this optimizer has, of the same kind (a
+    number for ``lr``, a pair for ``betas``, ...): else the first step would fail on them, not the load."""
+    if len(saved) != len(current):
+        raise ValueError(f"{len(saved)} optimizer groups, this optimizer has {len(current)}")
+    for g, ref in zip(saved, current):
+        for key, value in ref.items():
+            if key == "params":
+                continue
+            got = g.get(key, KeyError)
+            if got is KeyError:
+                raise KeyError(f"optimizer setting '{key}' is missing")
+            number = (int, float)
+            same = (isinstance(got, bool) == isinstance(value, bool)
+                    and (not isinstance(value, number) or isinstance(got, number))
+                    and (not isinstance(value, (tuple, list)) or (isinstance(got, (tuple, list))
+                                                                 and len(got) == len(value))))
+            if not same:
+                raise TypeError(f"optimizer setting '{key}' is {type(got).__name__}, expected {type(value).__name__}")
 
 
 class Trainer:
@@ -773,7 +794,7 @@ class Trainer:
             return None
         if self._saved_step == self.step and self.run_folder.checkpoint_dir(self.step).is_dir():
             return self.run_folder.checkpoint_dir(self.step)
-        from core import checkpoints
+        from safetensors.torch import save_file
 
         self._status("checkpoint", f"saving checkpoint at step {self.step}")
         folder = self.run_folder.checkpoint_dir(self.step)
@@ -783,8 +804,22 @@ class Trainer:
             raise StudioError(f"step {self.step}: the adapter's weights ({bad}) are no longer finite, so "
                               f"training stopped; {self._last_good()}",
                               hint=f"lower --lr (now {self.cfg.train.lr:g}) or add --warmup steps")
-        opt_tensors, opt_scalars, groups = checkpoints.optimizer_state(self.optimizer, list(self.params.values()))
-        rng, random_state = checkpoints.rng_state()
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_scalars: dict[str, dict] = {}
+        for i, p in enumerate(self.params.values()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    opt_tensors[f"{i}.{key}"] = value.detach().to("cpu").contiguous()
+                else:
+                    opt_scalars.setdefault(str(i), {})[key] = value
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for j, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda.{j}"] = s
+        np_state = np.random.get_state()
+        rng["numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+        py_state = random.getstate()
         state = {
             "step": self.step, "total_steps": self.total_steps, "consumed": self.consumed,
             "epoch": self.consumed // len(self.train_set), "index": self.consumed % len(self.train_set),
@@ -792,12 +827,17 @@ class Trainer:
             "param_names": self.param_names, "param_groups": groups, "optimizer_scalars": opt_scalars,
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            **random_state,
+            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "best_eval_loss": self.best_eval, "last_loss": self.last_loss,
             "elapsed": getattr(self, "_elapsed_now", self.elapsed_before),
             "dataset_sha256": self.dataset_info.get("sha256"), "train_examples": len(self.train_set),
         }
-        checkpoints.write(folder, adapter, opt_tensors, rng, state)
+        with atomic.staged_folder(folder) as tmp:
+            save_file(adapter, str(tmp / "adapter.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            save_file(rng, str(tmp / "rng.safetensors"))
+            atomic.write_json(tmp / runs.CHECKPOINT_DONE, state)  # last: marks the folder complete
         self._saved_step = self.step
         self.run_folder.prune_checkpoints()
         self.run_folder.write_status("running", step=self.step, total_steps=self.total_steps,
@@ -805,9 +845,20 @@ class Trainer:
         return folder
 
     def _load_checkpoint(self, folder: Path) -> None:
-        from core import checkpoints, safeio
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        import json
 
-        state, adapter, opt_tensors, rng = checkpoints.read(folder)
+        from core import safeio
+
+        try:
+            state = json.loads((folder / runs.CHECKPOINT_DONE).read_text(encoding="utf-8"))
+            adapter = load_file(str(folder / "adapter.safetensors"))
+            opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+            rng = load_file(str(folder / "rng.safetensors"))
+        except (OSError, ValueError, RecursionError, SafetensorError) as e:
+            raise StudioError(f"checkpoint {folder}: unreadable ({safeio.first_line(e)})",
+                              hint="delete it to resume from an older one") from None
         try:
             self._apply_checkpoint(folder, state, adapter, opt_tensors, rng)
         except StudioError:
@@ -819,8 +870,6 @@ class Trainer:
 
     def _apply_checkpoint(self, folder: Path, state, adapter, opt_tensors, rng) -> None:
         """Put a checkpoint's adapter, optimizer, schedule and random states in place."""
-        from core import checkpoints
-
         if not isinstance(state, dict):
             raise TypeError("state.json does not hold an object")
         if state["param_names"] != self.param_names:
@@ -837,11 +886,28 @@ class Trainer:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(adapter[k].to(p.device, p.dtype))
-        checkpoints.restore_optimizer(self.optimizer, len(self.params), opt_tensors, state)
+        per_param: dict[int, dict] = {}
+        for key, t in opt_tensors.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = t
+        for i, extra in state.get("optimizer_scalars", {}).items():
+            per_param.setdefault(int(i), {}).update(extra)
+        n_params = len(self.params)
+        groups = [dict(g, params=list(range(n_params))) for g in state["param_groups"]]
+        _check_groups(groups, self.optimizer.param_groups)
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": groups})
         self.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups)))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        checkpoints.restore_rng(rng, state)
+        torch.set_rng_state(rng["torch"])
+        cuda_states = [rng[f"cuda.{j}"] for j in range(len(rng)) if f"cuda.{j}" in rng]
+        if cuda_states and torch.cuda.is_available():
+            with contextlib.suppress(Exception):
+                torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+        np_name, np_pos, np_gauss, np_cached = state["numpy_random"]
+        np.random.set_state((np_name, rng["numpy"].numpy().astype(np.uint32), np_pos, np_gauss, np_cached))
+        v, internal, gauss = state["python_random"]
+        random.setstate((v, tuple(internal), gauss))
         self.step = int(state["step"])
         self.consumed = int(state["consumed"])
         self.best_eval = state.get("best_eval_loss")
