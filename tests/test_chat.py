@@ -158,3 +158,51 @@ def test_the_playground_prompts_an_adapter_the_way_it_was_trained(tmp_path):
         written = AutoTokenizer.from_pretrained(tmp_path / f"merged-{choice}").chat_template
         assert written == (chat.CHATML if choice == "chatml" else None)
         assert any("chat template" in w for w in report["warnings"]) == (choice == "chatml")
+
+
+# -- SmolLM3: its published template, checked the way tests/test_families.py checks the others -------
+
+SMOLLM3_THINK = (
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Your role as an assistant involves "
+    "thoroughly exploring questions through a systematic thinking process before providing the final precise and "
+    "accurate solutions.")
+
+
+def test_smollm3_template_renders_trains_answers_and_stops_like_the_family(monkeypatch):
+    """SmolLM3 (tests/data/chat_templates/smollm3.jinja): ChatML turns under a generated system header
+    (metadata, today's date, reasoning mode), which its template leaves without an <|im_end|> when no
+    tools are given; with /no_think each answer opens with an empty reasoning block, which belongs to
+    the prompt, so the trained tokens are the answers and their <|im_end|> in both modes."""
+    import test_families as fam
+
+    monkeypatch.setitem(fam.CHAT, "smollm3", (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"],
+                                              None, "<|im_end|>", "<|im_end|>"))
+    tok = fam.family_tokenizer("smollm3")
+    assert chat.template_style(tok.chat_template) == "chatml"
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    turns = ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n{think}4<|im_end|>\n"
+             "<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n{think}6<|im_end|>\n")
+    header = ("<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: June 2025\n"
+              f"Today Date: {fam._today('%d %B %Y')}\nReasoning Mode: {{mode}}\n\n## Custom Instructions\n\n")
+    for system, mode, instructions, think in (
+            (None, "/think", None, ""),
+            ("Be brief. /no_think", "/no_think", "Be brief.\n\n", "<think>\n\n</think>\n")):
+        conversation = ([{"role": "system", "content": system}] if system else []) + fam.CONVERSATION
+        enc = data.encode({"messages": conversation}, tok, "chat", {"messages": "messages"}, max_length=4096)
+        text = tok.decode(enc.input_ids)
+        head = header.format(mode=mode)
+        assert text.startswith(head) and text.endswith(turns.format(think=think)), text
+        middle = text[len(head):-len(turns.format(think=think))]
+        if instructions is None:
+            assert middle.startswith(SMOLLM3_THINK) and middle.endswith("conclusion.\n\n")
+        else:
+            assert middle == instructions
+        assert fam._trained_pieces(enc, tok) == ["4<|im_end|>", "6<|im_end|>"]
+        ends = [j for j, lab in enumerate(enc.labels)
+                if lab != data.IGNORE and (j + 1 == len(enc.labels) or enc.labels[j + 1] == data.IGNORE)]
+        assert [enc.input_ids[j] for j in ends] == [eot, eot]
+        question = conversation[:-3]  # the system turn (if any) and the first question
+        prompt = generate.format_prompt(tok, question)
+        first_trained = next(j for j, lab in enumerate(enc.labels) if lab != data.IGNORE)
+        assert prompt == enc.input_ids[:first_trained] == data.prompt_ids(tok, question)
+    assert eot in generate.stop_token_ids(None, tok)
