@@ -42,7 +42,28 @@ class LayersPage(Page):
         self.leaves: dict[str, QTreeWidgetItem] = {}
         self.budget = None
 
-        # -- the selection --------------------------------------------------------------------------
+        sel_box = self._selection_box()
+        shape_box = self._shape_box()
+        cost_box = self._cost_box()
+
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(0, 0, 0, 0)
+        rl.addWidget(shape_box)
+        rl.addWidget(cost_box)
+        rl.addStretch(1)
+        lay = QHBoxLayout(self)
+        lay.addWidget(sel_box, 3)
+        lay.addWidget(right, 2)
+
+        state.model_info_changed.connect(self._on_info)
+        state.config_changed.connect(self._on_config)
+        self._sync_shape()
+        if state.model_info is not None:
+            self._on_info(state.model_info)
+
+    def _selection_box(self) -> QGroupBox:
+        """The presets, the pattern box and the tree: one selection."""
         self.tree = QTreeWidget()
         self.tree.setHeaderLabels(["Module", "Shape (out × in)", "Parameters", "LoRA parameters"])
         self.tree.setUniformRowHeights(True)
@@ -84,8 +105,10 @@ class LayersPage(Page):
         sl.addWidget(self.pattern)
         sl.addWidget(self.pattern_problem)
         sl.addWidget(self.tree, 1)
+        return sel_box
 
-        # -- the adapter's shape --------------------------------------------------------------------
+    def _shape_box(self) -> QGroupBox:
+        """Rank, alpha, dropout, rsLoRA, and the guidance on choosing r."""
         self.rank = QSpinBox()
         self.rank.setRange(1, 1024)
         self.alpha = QDoubleSpinBox()
@@ -111,7 +134,10 @@ class LayersPage(Page):
         sf.addRow("Scaling", self.scaling)
         sf.addRow("Dropout", self.dropout)
         sf.addRow(self.rslora)
+        return shape_box
 
+    def _cost_box(self) -> QGroupBox:
+        """What the selection trains: modules, parameters, share, size on disk."""
         cost_box = QGroupBox("What it costs")
         cf = QFormLayout(cost_box)
         self.modules_label = QLabel("…")
@@ -125,22 +151,7 @@ class LayersPage(Page):
         cf.addRow("Trainable parameters", self.trainable_label)
         cf.addRow("Share of the model", self.share_label)
         cf.addRow("Adapter on disk", self.size_label)
-
-        right = QWidget()
-        rl = QVBoxLayout(right)
-        rl.setContentsMargins(0, 0, 0, 0)
-        rl.addWidget(shape_box)
-        rl.addWidget(cost_box)
-        rl.addStretch(1)
-        lay = QHBoxLayout(self)
-        lay.addWidget(sel_box, 3)
-        lay.addWidget(right, 2)
-
-        state.model_info_changed.connect(self._on_info)
-        state.config_changed.connect(self._on_config)
-        self._sync_shape()
-        if state.model_info is not None:
-            self._on_info(state.model_info)
+        return cost_box
 
     # -- building the tree ------------------------------------------------------------------------
     def _on_info(self, info) -> None:
