@@ -73,8 +73,8 @@ def test_thirty_steps_on_the_bundled_default_lower_the_held_out_loss(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(models.checkpoint_folder("default"), dtype=torch.float32).eval()
     before, _ = reference_loss(base, val_batches)
     after = evals[0]
-    # the base knows nothing of these coffee-order JSON answers; 30 steps teach it the format
-    # (measured: about 2.9 before, 0.15-0.3 after)
+    # the base knows nothing of these coffee-order JSON answers; 30 steps teach it the format (in a
+    # trial run with these settings the training loss went from 2.9 at step 1 to below 0.4 by step 15)
     assert after < 0.5 * before, (before, after)
 
     studio = json.loads((tmp_path / "run" / "adapter" / "studio.json").read_text())
