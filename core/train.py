@@ -63,7 +63,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core import atomic, lora, runs
+from core import lora, runs
 from core.config import RunConfig
 from core.errors import Cancelled, StudioError
 from core.loss import loss_sum as head_loss_sum
@@ -240,27 +240,6 @@ def make_adamw(params: list[torch.Tensor], *, lr: float, weight_decay: float = 0
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _check_groups(saved: list[dict], current: list[dict]) -> None:
-    """A checkpoint's optimizer groups hold every setting this optimizer has, of the same kind (a
-    number for ``lr``, a pair for ``betas``, ...): else the first step would fail on them, not the load."""
-    if len(saved) != len(current):
-        raise ValueError(f"{len(saved)} optimizer groups, this optimizer has {len(current)}")
-    for g, ref in zip(saved, current):
-        for key, value in ref.items():
-            if key == "params":
-                continue
-            got = g.get(key, KeyError)
-            if got is KeyError:
-                raise KeyError(f"optimizer setting '{key}' is missing")
-            number = (int, float)
-            same = (isinstance(got, bool) == isinstance(value, bool)
-                    and (not isinstance(value, number) or isinstance(got, number))
-                    and (not isinstance(value, (tuple, list)) or (isinstance(got, (tuple, list))
-                                                                 and len(got) == len(value))))
-            if not same:
-                raise TypeError(f"optimizer setting '{key}' is {type(got).__name__}, expected {type(value).__name__}")
-
-
 class Trainer:
     """Train one adapter as ``cfg`` says; see the module docstring for what a step is.
 
@@ -422,7 +401,22 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-        # model
+        lm = self._load_base()
+        model, tokenizer = lm.model, lm.tokenizer
+        self.device, self.dtype = torch.device(lm.device), lm.dtype
+        if self._stop.is_set():
+            return self._stopped_early()
+
+        if not self._prepare_data(tokenizer, seed):
+            return self._stopped_early()
+        self._inject(model, seed)
+        self._make_optimizer()
+        self._restore_position(checkpoint, seed)
+        return self._loop()
+
+    def _load_base(self):
+        """The base model: the one the trainer was given, or loaded now (and owned: freed at the end)."""
+        cfg = self.cfg
         if self.loaded is None:
             from core import models
 
@@ -431,22 +425,20 @@ class Trainer:
                 cfg.model.source, device=self._device_spec or cfg.model.device, precision=cfg.model.precision,
                 trust_remote_code=cfg.model.trust_remote_code, quantize=cfg.model.quantize,
                 progress=lambda m, f: self._status("loading", m, f)))
-        lm = self.loaded.inner if isinstance(self.loaded, _Owned) else self.loaded
-        model, tokenizer = lm.model, lm.tokenizer
-        self.device, self.dtype = torch.device(lm.device), lm.dtype
-        if self._stop.is_set():
-            return self._stopped_early()
+        return self.loaded.inner if isinstance(self.loaded, _Owned) else self.loaded
 
-        # data
+    def _prepare_data(self, tokenizer, seed: int) -> bool:
+        """Tokenise the dataset, record where it came from, and size the run; False if stopped meanwhile."""
         from core import chat, data
 
+        cfg = self.cfg
         self._status("tokenizing", "reading and tokenising the dataset", 0.0)
         try:
             prepared = data.prepare(cfg.data, tokenizer, seed=seed, cancel=self._stop.is_set,
                                     progress=lambda d, t: self._status("tokenizing", f"tokenising {d}/{t}",
                                                                        d / t if t else 1.0))
         except Cancelled:
-            return self._stopped_early()
+            return False
         self.prepared = prepared
         self.train_set, self.val_set = prepared.train, prepared.val
         n = len(self.train_set)
@@ -471,10 +463,14 @@ class Trainer:
             self.total_steps = int(cfg.train.steps)
         else:
             self.total_steps = max(1, math.ceil(float(cfg.train.epochs) * n / self.global_batch))
+        return True
 
-        # adapter
+    def _inject(self, model, seed: int) -> None:
+        """Put a fresh adapter on the model (named ``default``, or ``training`` if that is taken), with
+        gradients for its matrices only, gradient checkpointing if asked, and DDP across processes."""
         from core import targets as targets_mod
 
+        cfg = self.cfg
         names = targets_mod.resolve_targets(model, cfg.lora.targets)
         if ADAPTER_NAME in lora.adapter_names(model):
             self._adapter = "training"
@@ -491,8 +487,7 @@ class Trainer:
         self.params = lora.lora_parameters(model, [self._adapter])
         self.param_names = list(self.params)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        lora_ids = {id(p) for p in self.params.values()}
-        if {id(p) for p in trainable} != lora_ids:
+        if {id(p) for p in trainable} != {id(p) for p in self.params.values()}:
             raise RuntimeError("parameters other than the adapter's require gradients")
         if cfg.model.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -514,17 +509,20 @@ class Trainer:
                            broadcast_buffers=False, gradient_as_bucket_view=True)
         self.forward_model = self.ddp if self.ddp is not None else model
 
-        # optimizer, schedule, scaler
-        tr = cfg.train
+    def _make_optimizer(self) -> None:
+        """AdamW over the adapter's matrices, the learning-rate schedule, and fp16's loss scaler."""
+        tr = self.cfg.train
         self.optimizer = make_adamw(list(self.params.values()), lr=tr.lr, weight_decay=tr.weight_decay)
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        assert held == lora_ids, "the optimizer must hold the adapter's matrices and nothing else"
+        assert held == {id(p) for p in self.params.values()}, "the optimizer must hold the adapter's matrices and nothing else"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _Factor(self.total_steps, tr.warmup, tr.scheduler))
         use_cuda = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_cuda and self.dtype == torch.float16 else None
 
-        # position
+    def _restore_position(self, checkpoint: Path | None, seed: int) -> None:
+        """Step 0, or the checkpoint's step, optimizer and random states; then the run folder's files."""
+        cfg = self.cfg
         self.step = 0
         self.consumed = 0
         self.elapsed_before = 0.0
@@ -547,7 +545,6 @@ class Trainer:
                 self.run_folder.reset_metrics()
             self.run_folder.write_status("running", step=self.step, total_steps=self.total_steps,
                                          name=cfg.name, message="", world_size=self.world)
-        return self._loop()
 
     def _stopped_early(self) -> RunResult:
         self._status("stopped", "stopped before training began")
@@ -599,7 +596,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> RunResult:
-        cfg, tr = self.cfg, self.cfg.train
+        tr = self.cfg.train
         n = len(self.train_set)
         session_t0 = time.perf_counter()
         session_steps = 0
@@ -612,39 +609,7 @@ class Trainer:
             chunk = self._take(self.global_batch)
             n_tokens = int(self._trained[chunk].sum())
             step_tokens = int(self._lengths[chunk].sum())
-            scale = self.world / max(1, n_tokens)  # DDP averages over ranks; undo it, divide by all tokens
-            step_loss = torch.zeros((), device=self.device)
-            try:
-                micro = self._micro_batches(chunk)
-                for k, idx in enumerate(micro):
-                    batch = self._batch(idx)
-                    sync = self.ddp is None or k == len(micro) - 1
-                    ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-                    with ctx:
-                        loss_sum = self._loss_sum(self.forward_model, batch)
-                        loss = loss_sum * scale
-                        if self.scaler is not None:
-                            self.scaler.scale(loss).backward()
-                        else:
-                            loss.backward()
-                    step_loss += loss_sum.detach() / max(1, n_tokens)
-                    del batch, loss_sum, loss
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                # a tensor on the device: read back only at log points
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0
-                                                           else float("inf"))
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            except Exception as e:
-                if _is_oom(e):
-                    raise self._oom_error(e) from None
-                raise
+            step_loss, grad_norm = self._train_step(chunk, n_tokens, params)
             self.step += 1
             session_steps += 1
             session_tokens += step_tokens
@@ -704,19 +669,64 @@ class Trainer:
             if stop_now:
                 return self._finish("stopped")
             if pause_now:
-                while pause_now:
-                    self._do_pause()
-                    if self._stop.is_set():
-                        return self._finish("stopped")
-                    pause_now = False
-                    if self._eval_pending:  # the evaluation the pause interrupted, done now
-                        self._evaluate_interruptible(True)
-                        if self._stop.is_set():
-                            return self._finish("stopped")
-                        pause_now = self._pause.is_set()
+                if self._pause_until_resumed():
+                    return self._finish("stopped")
                 session_t0, session_steps, session_tokens = time.perf_counter(), 0, 0
                 self.elapsed_before = self._elapsed_now
         return self._finish("finished")
+
+    def _train_step(self, chunk: np.ndarray, n_tokens: int, params: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the global batch's micro-batches, clip, step the optimizer and the
+        schedule. Returns the batch's mean loss and the gradient norm, both still on the device."""
+        scale = self.world / max(1, n_tokens)  # DDP averages over ranks; undo it, divide by all tokens
+        step_loss = torch.zeros((), device=self.device)
+        try:
+            micro = self._micro_batches(chunk)
+            for k, idx in enumerate(micro):
+                batch = self._batch(idx)
+                sync = self.ddp is None or k == len(micro) - 1
+                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                with ctx:
+                    loss_sum = self._loss_sum(self.forward_model, batch)
+                    loss = loss_sum * scale
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                step_loss += loss_sum.detach() / max(1, n_tokens)
+                del batch, loss_sum, loss
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            # a tensor on the device: read back only at log points
+            max_norm = self.cfg.train.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        except Exception as e:
+            if _is_oom(e):
+                raise self._oom_error(e) from None
+            raise
+        return step_loss, grad_norm
+
+    def _pause_until_resumed(self) -> bool:
+        """Pause (and again while asked), running an evaluation the pause interrupted; True if stopped."""
+        pause_now = True
+        while pause_now:
+            self._do_pause()
+            if self._stop.is_set():
+                return True
+            pause_now = False
+            if self._eval_pending:  # the evaluation the pause interrupted, done now
+                self._evaluate_interruptible(True)
+                if self._stop.is_set():
+                    return True
+                pause_now = self._pause.is_set()
+        return False
 
     # -- evaluation --------------------------------------------------------------------------------
     def _evaluate_interruptible(self, interruptible: bool) -> None:
@@ -794,7 +804,7 @@ class Trainer:
             return None
         if self._saved_step == self.step and self.run_folder.checkpoint_dir(self.step).is_dir():
             return self.run_folder.checkpoint_dir(self.step)
-        from safetensors.torch import save_file
+        from core import checkpoints
 
         self._status("checkpoint", f"saving checkpoint at step {self.step}")
         folder = self.run_folder.checkpoint_dir(self.step)
@@ -804,22 +814,8 @@ class Trainer:
             raise StudioError(f"step {self.step}: the adapter's weights ({bad}) are no longer finite, so "
                               f"training stopped; {self._last_good()}",
                               hint=f"lower --lr (now {self.cfg.train.lr:g}) or add --warmup steps")
-        opt_tensors: dict[str, torch.Tensor] = {}
-        opt_scalars: dict[str, dict] = {}
-        for i, p in enumerate(self.params.values()):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    opt_tensors[f"{i}.{key}"] = value.detach().to("cpu").contiguous()
-                else:
-                    opt_scalars.setdefault(str(i), {})[key] = value
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for j, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda.{j}"] = s
-        np_state = np.random.get_state()
-        rng["numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
-        py_state = random.getstate()
+        opt_tensors, opt_scalars, groups = checkpoints.optimizer_state(self.optimizer, list(self.params.values()))
+        rng, random_state = checkpoints.rng_state()
         state = {
             "step": self.step, "total_steps": self.total_steps, "consumed": self.consumed,
             "epoch": self.consumed // len(self.train_set), "index": self.consumed % len(self.train_set),
@@ -827,17 +823,12 @@ class Trainer:
             "param_names": self.param_names, "param_groups": groups, "optimizer_scalars": opt_scalars,
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            **random_state,
             "best_eval_loss": self.best_eval, "last_loss": self.last_loss,
             "elapsed": getattr(self, "_elapsed_now", self.elapsed_before),
             "dataset_sha256": self.dataset_info.get("sha256"), "train_examples": len(self.train_set),
         }
-        with atomic.staged_folder(folder) as tmp:
-            save_file(adapter, str(tmp / "adapter.safetensors"))
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            save_file(rng, str(tmp / "rng.safetensors"))
-            atomic.write_json(tmp / runs.CHECKPOINT_DONE, state)  # last: marks the folder complete
+        checkpoints.write(folder, adapter, opt_tensors, rng, state)
         self._saved_step = self.step
         self.run_folder.prune_checkpoints()
         self.run_folder.write_status("running", step=self.step, total_steps=self.total_steps,
@@ -845,20 +836,9 @@ class Trainer:
         return folder
 
     def _load_checkpoint(self, folder: Path) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        import json
+        from core import checkpoints, safeio
 
-        from core import safeio
-
-        try:
-            state = json.loads((folder / runs.CHECKPOINT_DONE).read_text(encoding="utf-8"))
-            adapter = load_file(str(folder / "adapter.safetensors"))
-            opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-            rng = load_file(str(folder / "rng.safetensors"))
-        except (OSError, ValueError, RecursionError, SafetensorError) as e:
-            raise StudioError(f"checkpoint {folder}: unreadable ({safeio.first_line(e)})",
-                              hint="delete it to resume from an older one") from None
+        state, adapter, opt_tensors, rng = checkpoints.read(folder)
         try:
             self._apply_checkpoint(folder, state, adapter, opt_tensors, rng)
         except StudioError:
@@ -870,6 +850,8 @@ class Trainer:
 
     def _apply_checkpoint(self, folder: Path, state, adapter, opt_tensors, rng) -> None:
         """Put a checkpoint's adapter, optimizer, schedule and random states in place."""
+        from core import checkpoints
+
         if not isinstance(state, dict):
             raise TypeError("state.json does not hold an object")
         if state["param_names"] != self.param_names:
@@ -886,28 +868,11 @@ class Trainer:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(adapter[k].to(p.device, p.dtype))
-        per_param: dict[int, dict] = {}
-        for key, t in opt_tensors.items():
-            i, name = key.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = t
-        for i, extra in state.get("optimizer_scalars", {}).items():
-            per_param.setdefault(int(i), {}).update(extra)
-        n_params = len(self.params)
-        groups = [dict(g, params=list(range(n_params))) for g in state["param_groups"]]
-        _check_groups(groups, self.optimizer.param_groups)
-        self.optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        checkpoints.restore_optimizer(self.optimizer, len(self.params), opt_tensors, state)
         self.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups)))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(rng["torch"])
-        cuda_states = [rng[f"cuda.{j}"] for j in range(len(rng)) if f"cuda.{j}" in rng]
-        if cuda_states and torch.cuda.is_available():
-            with contextlib.suppress(Exception):
-                torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
-        np_name, np_pos, np_gauss, np_cached = state["numpy_random"]
-        np.random.set_state((np_name, rng["numpy"].numpy().astype(np.uint32), np_pos, np_gauss, np_cached))
-        v, internal, gauss = state["python_random"]
-        random.setstate((v, tuple(internal), gauss))
+        checkpoints.restore_rng(rng, state)
         self.step = int(state["step"])
         self.consumed = int(state["consumed"])
         self.best_eval = state.get("best_eval_loss")
