@@ -18,7 +18,7 @@ Injection is plain functions over qualified module names (PEFT's ``_replace_modu
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -644,13 +644,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def adapter_names(model: nn.Module) -> list[str]:
+def _names_over_layers(model: nn.Module, which: Callable[[LoRALinear], Iterable[str]]) -> list[str]:
+    """The adapter names ``which(layer)`` gives over every LoRA layer, each once, in first-seen order."""
     names: list[str] = []
     for _, layer in lora_layers(model):
-        for n in layer.adapters:
+        for n in which(layer):
             if n not in names:
                 names.append(n)
     return names
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter on the model."""
+    return _names_over_layers(model, lambda layer: layer.adapters)
 
 
 def _get_parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -760,12 +766,8 @@ def set_active_adapters(model: nn.Module, names: Iterable[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    out: list[str] = []
-    for _, layer in lora_layers(model):
-        for n in layer.active:
-            if n not in out:
-                out.append(n)
-    return out
+    """The adapters that take part in the forward pass (merged or not)."""
+    return _names_over_layers(model, lambda layer: layer.active)
 
 
 def merge_adapter(model: nn.Module, name: str = "default") -> None:
@@ -793,12 +795,8 @@ def unmerge_adapter(model: nn.Module, name: str = "default") -> None:
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
-    out: list[str] = []
-    for _, layer in lora_layers(model):
-        for n in layer.merged:
-            if n not in out:
-                out.append(n)
-    return out
+    """The adapters folded into the base weights."""
+    return _names_over_layers(model, lambda layer: layer.merged)
 
 
 def swap_adapter(model: nn.Module, out_name: str, in_name: str, *, merged: bool | None = None) -> None:
