@@ -39,6 +39,19 @@ def add_quantize_option(parser, *, default: str | None = None, prefix: str = "")
     parser.add_argument("--quantize", choices=QUANTIZE, default=default, help=prefix + QUANTIZE_HELP + shown)
 
 
+MODEL_HELP = ("'default' (the bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a .gguf file, "
+              "or a Hub repo id (org/name, downloaded when not cached)")
+
+
+def add_model_option(parser, *, default: str | None = "default", prefix: str = "base model: ",
+                     shown: str | None = None) -> None:
+    """``--model M`` with one help text for every command. ``default`` None lets ``train --config FILE``
+    keep the file's (``shown`` is then the default the help names); ``prefix`` says what it is for."""
+    shown = shown or default
+    parser.add_argument("--model", default=default, metavar="M",
+                        help=prefix + MODEL_HELP + (f" (default: {shown})" if shown else ""))
+
+
 def fetch_model(spec: str | None, revision: str | None = None) -> str | None:
     """What every command does with its ``--model`` first: a Hub repo id (``org/name``) that is not
     completely in the local Hugging Face cache is downloaded, with a progress bar on stderr (offline:

@@ -7,7 +7,7 @@ import json
 import sys
 
 from core.config import FORMATS
-from studio.commands import fetch_model
+from studio.commands import add_model_option, fetch_model
 
 
 def register(sub) -> None:
@@ -27,9 +27,7 @@ def register(sub) -> None:
                                                 "(org/name, read through datasets into its cache)")
     d.add_argument("--data-split", metavar="S", help="with a Hub dataset: the split (default: train, or its only one)")
     d.add_argument("--data-config", metavar="C", help="with a Hub dataset: its configuration, where it has several")
-    d.add_argument("--model", default="default",
-                   help="whose tokenizer and chat template to use: 'default' (bundled SmolLM2-135M-Instruct), "
-                        "a Hugging Face folder, a .gguf file or a Hub repo id (downloaded when not cached) (default: default)")
+    add_model_option(d, prefix="whose tokenizer and chat template to use: ")
     d.add_argument("--format", default="auto", choices=FORMATS,
                    help="the dataset's format (default: auto, detected from the columns)")
     d.add_argument("--fields", default="", metavar="FIELD=COLUMN,...",

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
-from studio.commands import fetch_model
+from studio.commands import add_model_option, fetch_model
 
 
 def register(sub) -> None:
@@ -29,8 +29,7 @@ def register(sub) -> None:
                     "(one line per example and system) and DIR/results.csv.",
         epilog="Example: lora-studio evaluate --model default --adapter my-adapter --data held_out.jsonl "
                "--out eval/first --metrics exact_match,bleu,json_fields")
-    e.add_argument("--model", default="default", help="the base model: 'default', a checkpoint folder, a .gguf "
-                                                      "file or a Hub repo id (default: default)")
+    add_model_option(e)
     e.add_argument("--adapter", action="append", default=[], metavar="A",
                    help="an adapter folder (ours or PEFT's) or the name or id of an adapter in the library; "
                         "repeat for several")

@@ -14,7 +14,7 @@ TYPES_HELP = ("f16, bf16, q8_0 (about 1.06 bytes a weight: near-lossless), q5_1,
 
 
 def register(sub) -> None:
-    from studio.commands import add_quantize_option
+    from studio.commands import add_model_option, add_quantize_option
 
     m = sub.add_parser(
         "export-gguf", help="write a GGUF file for llama.cpp / Ollama (merged model or adapter alone) and a Modelfile",
@@ -23,8 +23,7 @@ def register(sub) -> None:
                     "file is read back and compared with the merged model in transformers on fixed prompts (F16/BF16 "
                     "logits within 1e-2, Q8_0 the same greedy continuation, Q4/Q5 the same top-1 token on 95%% of "
                     "positions) and its tokenizer with the model's; a failure prints the figures and writes nothing.")
-    m.add_argument("--model", default="default", metavar="M",
-                   help="base model: 'default', a checkpoint folder, a .gguf file or a cached repo id (default: default)")
+    add_model_option(m)
     m.add_argument("--adapter", action="append", default=[], metavar="A",
                    help="an adapter folder or the name or id of one in the library; repeat to merge several "
                         "(none: the base model alone)")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
-from studio.commands import fetch_model
+from studio.commands import add_model_option, fetch_model
 
 
 def register(sub) -> None:
@@ -24,10 +24,8 @@ def register(sub) -> None:
     p.add_argument("adapter", metavar="ADAPTER",
                    help="an adapter folder (with adapter_config.json and adapter_model.safetensors), or the "
                         "name or id of an adapter in the library")
-    p.add_argument("--model", metavar="M",
-                   help="the base model, to check that the adapter fits it and to compute the amplification "
-                        "factor: 'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
-                        "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached)")
+    add_model_option(p, default=None, prefix="the base model, to check that the adapter fits it and to compute "
+                                             "the amplification factor: ")
     p.add_argument("--compare", metavar="OTHER",
                    help="a second adapter (folder or library name): print the normalised subspace similarity "
                         "φ(i, j) = ‖U_iᵀ·U_j‖² / min(i, j) of the two adapters' top input directions (right "

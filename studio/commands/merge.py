@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
-from studio.commands import fetch_model
+from studio.commands import add_model_option, fetch_model
 
 COMBINE_MODES = ("exact", "svd", "ties", "dare_linear", "dare_ties")
 """What ``--combine`` offers; kept here (not read from core.combine) so that building the parser
@@ -24,9 +24,7 @@ def register(sub) -> None:
                     "folder is moved into place it is loaded back and its logits on fixed prompts are "
                     "compared with the base model running the adapters unmerged. If they differ beyond "
                     "tolerance nothing is written and the figures are printed.")
-    m.add_argument("--model", default="default", metavar="M",
-                   help="base model: 'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
-                        "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached) (default: default)")
+    add_model_option(m)
     m.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="an adapter folder (ours or PEFT's), or the name or id of an adapter in the library; "
                         "repeat to merge several")

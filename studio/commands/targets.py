@@ -7,7 +7,7 @@ import argparse
 import json
 
 from core.errors import StudioError
-from studio.commands import fetch_model
+from studio.commands import add_model_option, fetch_model
 
 
 def register(sub) -> None:
@@ -19,9 +19,7 @@ def register(sub) -> None:
                     "trainable parameter count of a selection, and the memory one training step needs "
                     "at --batch-size x --max-length (weights, adapter, gradients, AdamW states, "
                     "activations). Reads only the model's configuration.")
-    t.add_argument("--model", default="default",
-                   help="'default' (bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a .gguf "
-                        "file, or a Hub repo id (org/name, downloaded when not cached) (default: default)")
+    add_model_option(t, prefix="")
     t.add_argument("--targets", default="all-linear",
                    help="a preset (attention-qv, attention, mlp, all-linear), comma-separated name "
                         "suffixes, or a regular expression (default: all-linear)")

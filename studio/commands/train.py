@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from core.errors import StudioError
-from studio.commands import fetch_model
+from studio.commands import add_model_option, fetch_model
 
 # flag dest -> (section, field) of RunConfig
 _MAP = {
@@ -56,9 +56,7 @@ def register(sub) -> None:
                "train --model default --data chats.jsonl --out runs/first --steps 200 --rank 16")
     B = argparse.BooleanOptionalAction
     g = t.add_argument_group("what to train")
-    g.add_argument("--model", help="'default' (the bundled SmolLM2-135M-Instruct), a Hugging Face checkpoint "
-                                   "folder, a .gguf file, or a Hub repo id (org/name, downloaded when not cached) "
-                                   "(default: default)")
+    add_model_option(g, default=None, prefix="", shown="default")
     g.add_argument("--data", metavar="FILE", help=".jsonl, .json, .csv, .parquet, .txt, a datasets save_to_disk "
                                                   "folder, or a Hub dataset id org/name (default: the bundled "
                                                   "sample dataset)")
