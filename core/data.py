@@ -79,7 +79,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from core import chat, dataset_cache
+from core import chat, data_encode, dataset_cache
 from core.chat import END_OF_TURN, end_of_turn_ids  # noqa: F401  (the one list lives in core.chat)
 from core.encoded import IGNORE, Encoded, EncodedSet, SetBuilder  # noqa: F401  (core.data's public names)
 from core.errors import Cancelled, StudioError
@@ -831,7 +831,8 @@ def _rows_text(rows: list[int], limit: int = 10) -> str:
 
 
 def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
-            cancel: Callable[[], bool] | None = None, source: Source | None = None) -> Prepared:
+            cancel: Callable[[], bool] | None = None, source: Source | None = None,
+            workers: int | None = None) -> Prepared:
     """Read ``cfg.path`` (the sample dataset when empty), split it by ``seed``, tokenise every row and
     pack if asked.
 
@@ -839,7 +840,8 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
     after each chunk of :data:`CHUNK` rows; ``cancel()`` is asked before each and a true answer raises
     :class:`core.errors.Cancelled`. A ``source`` already read can be passed to skip reading again.
     The split is by row (``round(rows * val_split)`` held out, chosen by ``seed``), independent of the
-    tokenizer, so the same file and seed hold out the same rows for every model.
+    tokenizer, so the same file and seed hold out the same rows for every model. ``workers``:
+    processes that tokenise (default: core.data_encode.default_workers, one below 50,000 rows).
     """
     if source is None:
         source = read(cfg.path or sample_dataset(), format=cfg.format, fields=cfg.fields,
@@ -850,7 +852,7 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
     if cached is not None:
         return Prepared(source=source, **cached)
     try:
-        result = _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source)
+        result = _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source, workers)
     except BaseException:
         staged.discard()
         raise
@@ -858,7 +860,7 @@ def prepare(cfg, tokenizer, *, seed: int = 42, progress: Progress | None = None,
     return result
 
 
-def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Prepared:
+def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source, workers) -> Prepared:
     """prepare's work when nothing is cached: every row tokenised into ``staged``'s files."""
     n = source.rows
     val_split = float(cfg.val_split or 0.0)
@@ -873,35 +875,22 @@ def _prepare_into(staged, cfg, tokenizer, seed, progress, cancel, source) -> Pre
     if n_val:
         is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
 
-    train_b, val_b = staged.builder("train"), staged.builder("val")  # on disk: memory stays flat
     end_ids = set(end_of_turn_ids(tokenizer))  # once, not per chunk: it reads the whole vocabulary
-    problems: dict[str, list[int]] = {}
-    first: Encoded | None = None
-    if progress:
-        progress(0, n)
-    for start in range(0, n, CHUNK):
-        if cancel is not None and cancel():
-            raise Cancelled("tokenising cancelled")
-        stop = min(n, start + CHUNK)
+
+    def encode(start: int, stop: int) -> list[Encoded | RowProblem]:
         try:
             batch = source.dataset[start:stop]  # columns -> lists, only for this chunk
         except (ValueError, OSError) as e:  # a damaged arrow file (save_to_disk): bad UTF-8, torn buffers
             raise StudioError(f"{source.path}: rows {start + 1}-{stop} cannot be read ({safeio.first_line(e)})",
                               hint="write the dataset again") from None
         rows = [{c: batch[c][i] for c in batch} for i in range(stop - start)]
-        for i, result in enumerate(_encode_many(rows, tokenizer, source.format, source.fields, end_ids=end_ids,
-                                                max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)):
-            r = start + i
-            if isinstance(result, RowProblem):
-                problems.setdefault(result.message, []).append(r)
-                continue
-            if first is None:
-                first = result
-            (val_b if is_val[r] else train_b).add(result, r)
-        if progress:
-            progress(stop, n)
+        return _encode_many(rows, tokenizer, source.format, source.fields, end_ids=end_ids,
+                            max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
 
-    train, val = train_b.build(), val_b.build()
+    # on disk as it goes (memory stays flat); a large dataset in several processes
+    train, val, problems, first = data_encode.encode_rows(
+        encode, n, CHUNK, is_val, staged, progress=progress, cancel=cancel,
+        workers=data_encode.default_workers(n) if workers is None else workers)
     notes = []
     for msg, rows in list(problems.items())[:20]:
         notes.append(f"{len(rows)} row{'s' if len(rows) != 1 else ''} skipped ({msg}): row{'s' if len(rows) != 1 else ''} "

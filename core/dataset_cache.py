@@ -11,8 +11,8 @@ The folder is named by a key over everything the result depends on: the data (da
 fingerprint of the table, plus the file's path, size and modification time), the tokenizer (its
 whole definition, chat template and special tokens), the options (format, fields, maximum length,
 train-on-prompt, chat template choice, packing, validation split and seed) and the code that
-renders, tokenises and packs (the bytes of core/data.py, core/encoded.py, core/packing.py,
-core/chat.py and this file, so a change there is never answered from an old cache). Nothing changed: the next ``prepare`` maps the files and returns
+renders, tokenises and packs (the bytes of core/data.py, core/data_encode.py, core/encoded.py,
+core/packing.py, core/chat.py and this file, so a change there is never answered from an old cache). Nothing changed: the next ``prepare`` maps the files and returns
 in well under a second. A folder is written under a temporary name and renamed into place when it
 is complete; :data:`KEEP` folders are kept, the least recently used go first.
 """
@@ -35,7 +35,7 @@ from core.home import studio_home
 
 KEEP = 6
 """Tokenised datasets kept in the cache (a 1,000,000-row file is about 0.3-0.5 GB)."""
-_SOURCES = ("data.py", "encoded.py", "packing.py", "chat.py", "dataset_cache.py")
+_SOURCES = ("data.py", "data_encode.py", "encoded.py", "packing.py", "chat.py", "dataset_cache.py")
 
 
 def cache_root() -> Path:
@@ -105,7 +105,19 @@ class DiskSetBuilder:
         self.truncated.append(bool(e.truncated))
         self.rows.append(int(row))
 
-    def build(self):
+    def append_part(self, folder: Path, name: str) -> None:
+        """Append a set another builder finished (a worker's part, core.data_encode), then delete its files."""
+        for suffix, out in ((".ids.i32", self._ids), (".trained.u8", self._trained)):
+            with open(folder / f"{name}{suffix}", "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+        self.lengths.extend(array("q", np.diff(np.load(folder / f"{name}.offsets.npy")).tobytes()))
+        self.truncated.extend(array("b", np.load(folder / f"{name}.truncated.npy").astype(np.int8).tobytes()))
+        self.rows.extend(array("q", np.load(folder / f"{name}.rows.npy").astype(np.int64).tobytes()))
+        for suffix in (".ids.i32", ".trained.u8", ".offsets.npy", ".truncated.npy", ".rows.npy"):
+            (folder / f"{name}{suffix}").unlink()
+
+    def finish(self) -> None:
+        """Close the files and write the index (offsets, truncated, rows) beside them."""
         self._ids.close()
         self._trained.close()
         offsets = np.zeros(len(self.lengths) + 1, np.int64)
@@ -114,6 +126,9 @@ class DiskSetBuilder:
         np.save(self.folder / f"{self.name}.truncated.npy", np.frombuffer(self.truncated, np.int8).astype(bool))
         np.save(self.folder / f"{self.name}.rows.npy", np.frombuffer(self.rows, np.int64))
         self.lengths, self.truncated, self.rows = array("q"), array("b"), array("q")
+
+    def build(self) -> EncodedSet:
+        self.finish()
         return load_set(self.folder, self.name)
 
     def abandon(self) -> None:
@@ -165,12 +180,16 @@ class Staged:
                 "stats": meta["stats"], "truncated": meta["truncated"], "problems": meta["problems"],
                 "example": None if ex is None else Encoded(ex["input_ids"], ex["labels"], ex["truncated"])}
 
-    def builder(self, name: str) -> DiskSetBuilder:
+    def part_folder(self) -> Path:
+        """The temporary folder the result is written in (created on first use)."""
         if self.tmp is None:
             cache_root().mkdir(parents=True, exist_ok=True)
             self.tmp = cache_root() / f".{self.key}.{os.getpid()}.{time.monotonic_ns()}.tmp"
             self.tmp.mkdir()
-        return DiskSetBuilder(self.tmp, name)
+        return self.tmp
+
+    def builder(self, name: str) -> DiskSetBuilder:
+        return DiskSetBuilder(self.part_folder(), name)
 
     def store(self, prepared) -> None:
         """Write meta.json (and a packed train set) and rename the folder into place; then the

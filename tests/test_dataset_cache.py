@@ -106,3 +106,49 @@ def test_trained_per_example_block_by_block_equals_the_whole_sum(tmp_path, token
     for block in (1, 7, 64, 10_000):
         assert np.array_equal(dataset_cache.trained_per_example(s, block=block), whole)
     assert whole.sum() == sum(sum(1 for x in s[i].labels[1:] if x != data.IGNORE) for i in range(len(s)))
+
+
+def _mixed(path, n: int) -> None:
+    """n rows with an empty answer here and there, in both halves (problems found by both workers)."""
+    rows = [{"instruction": f"Add {i} and {i}.", "output": "" if i % 97 == 5 else f"It is {2 * i}."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_tokenising_in_two_processes_gives_what_one_gives(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _mixed(f, 700)  # three chunks of 256 rows: each worker gets more than one
+    cfg = DataConfig(path=str(f), max_length=64, val_split=0.1)
+    one = data.prepare(cfg, tokenizer, workers=1)
+    for entry in dataset_cache.cache_root().iterdir():
+        import shutil
+
+        shutil.rmtree(entry)
+    calls = []
+    two = data.prepare(cfg, tokenizer, workers=2, progress=lambda d, t: calls.append(d))
+    _same(one.train, two.train)
+    _same(one.val, two.val)
+    assert two.stats == one.stats and two.problems == one.problems and two.stats["skipped"] == 8
+    assert two.example == one.example and calls[0] == 0 and calls[-1] == 700
+    assert sorted(p.name for p in dataset_cache.cache_root().iterdir() if not p.name.startswith(".")) \
+        and not list(dataset_cache.cache_root().glob(".*.tmp"))  # the parts were appended and removed
+    folder = next(dataset_cache.cache_root().iterdir())
+    assert not list(folder.glob("*-[0-9].*")) and not list(folder.glob("part-*"))
+
+
+def test_a_cancelled_parallel_prepare_stops_its_workers_and_leaves_nothing(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    _mixed(f, 3000)
+    asked = []
+
+    def cancel() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # let the workers start, then stop them
+
+    with pytest.raises(Cancelled):
+        data.prepare(DataConfig(path=str(f), max_length=64), tokenizer, workers=2, cancel=cancel)
+    root = dataset_cache.cache_root()
+    assert not root.exists() or not list(root.iterdir())
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
