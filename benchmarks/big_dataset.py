@@ -14,7 +14,9 @@ with one fresh ``LORA_STUDIO_HOME`` shared by the runs:
 2. the same again (the second look: nothing changed, so the tokenised cache is reused);
 3. ``lora-studio train --model M --data FILE --steps 1`` (the first training step);
 4. the same training step on a 2,000-row file of the same rows (what the step needs whatever the
-   dataset's size: the model, its activations, the optimizer).
+   dataset's size: the model, its activations, the optimizer);
+5. that step with ``--gradient-checkpointing``, and 6. with ``--precision bf16`` (where the step's
+   memory goes: the activations, then the fp32 weights).
 
 Run it under ``flock /tmp/heavy.lock`` on a shared machine: it keeps both cores busy for minutes.
 """
@@ -89,9 +91,11 @@ def main() -> int:
                            ("train_first_step", ["train", "--model", args.model, "--data", str(data),
                                                  "--out", str(tmp / "run"), "--steps", "1",
                                                  "--no-progress"]),
-                           ("train_first_step_2000_rows", ["train", "--model", args.model, "--data", str(small),
-                                                           "--out", str(tmp / "run-small"), "--steps", "1",
-                                                           "--no-progress"])):
+                           *((f"train_first_step_2000_rows{suffix}",
+                              ["train", "--model", args.model, "--data", str(small), "--out",
+                               str(tmp / f"run-small{suffix}"), "--steps", "1", "--no-progress", *extra])
+                             for suffix, extra in (("", []), ("_gradient_checkpointing", ["--gradient-checkpointing"]),
+                                                   ("_bf16", ["--precision", "bf16"])))):
             r = measured(argv, env)
             if name == "data_first":
                 stats = json.loads(r["stdout"])["stats"]
