@@ -84,8 +84,10 @@ def test_the_bundled_default_says_it_is_a_dequantised_4_bit_gguf(qtbot):
     assert box.labels["dtype"].text() == "GGUF Q4_1" and box.labels["name"].text().endswith("(bundled)")
     box.show_summary(dict(default, converted=False), None)  # before the first-use conversion
     assert "de-quantised once, on first use" in box.note.text()
-    box.show_summary({"name": "tiny", "kind": "folder", "dtype": "float32"})
+    box.show_summary({"name": "tiny", "kind": "folder", "dtype": "float32", "chat_template": False})
     assert not box.note.isVisible() and box.note.text() == ""
+    # a model without a chat template: the summary points at the choice, it does not pick one silently
+    assert box.labels["chat_template"].text() == "none (choose one on the Data page)"
 
 
 def test_list_summary_and_memory_follow_the_chosen_model(page, qtbot, tmp_path):

@@ -75,7 +75,7 @@ class SummaryBox(QGroupBox):
                 text += ", converted" if s.get("converted") else ", converted on first use"
             return text
         if key == "chat_template":
-            return "yes (chat-formatted prompts)" if v else "no (plain text prompts)"
+            return "yes (chat-formatted prompts)" if v else "none (choose one on the Data page)"
         if key == "name":
             return f"{v} ({KIND_TEXT.get(s.get('kind'), s.get('kind'))})"
         return "–" if v is None else str(v)
