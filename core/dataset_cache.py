@@ -11,9 +11,10 @@ The folder is named by a key over everything the result depends on: the data (da
 fingerprint of the table, plus the file's path, size and modification time), the tokenizer (its
 whole definition, chat template and special tokens), the options (format, fields, maximum length,
 train-on-prompt, chat template choice, packing, validation split and seed) and the code that
-renders, tokenises and packs (the bytes of core/data.py, core/data_encode.py, core/encoded.py,
-core/packing.py, core/chat.py and this file, so a change there is never answered from an old cache). Nothing changed: the next ``prepare`` maps the files and returns
-in well under a second. A folder is written under a temporary name and renamed into place when it
+renders, tokenises and packs (the bytes of core/data.py and its parts data_read, data_render,
+data_encode, encoded and packing, of core/chat.py and of this file, so a change there is never
+answered from an old cache). Nothing changed: the next ``prepare`` maps the files and returns in
+well under a second. A folder is written under a temporary name and renamed into place when it
 is complete; :data:`KEEP` folders are kept, the least recently used go first.
 """
 
@@ -35,7 +36,8 @@ from core.home import studio_home
 
 KEEP = 6
 """Tokenised datasets kept in the cache (a 1,000,000-row file is about 0.3-0.5 GB)."""
-_SOURCES = ("data.py", "data_encode.py", "encoded.py", "packing.py", "chat.py", "dataset_cache.py")
+_SOURCES = ("data.py", "data_read.py", "data_render.py", "data_encode.py", "encoded.py", "packing.py", "chat.py",
+            "dataset_cache.py")
 
 
 def cache_root() -> Path:

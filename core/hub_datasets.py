@@ -69,7 +69,7 @@ def load(spec: str, split: str | None = None, subset: str | None = None) -> tupl
     """The Hub dataset ``spec`` as a ``datasets.Dataset`` (memory-mapped from datasets' cache) and notes
     on how it was read. Without ``split``: ``train``, or the only split there is."""
     from core import hub
-    from core.data import _quiet_datasets, train_split
+    from core.data_read import _quiet_datasets, train_split
 
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
