@@ -232,6 +232,29 @@ def timed(fn, steps: int, warmup: int, sync) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
+def rotating_rounds(names, rounds: int, run, *, each_round=None) -> dict:
+    """Call ``run(name)`` once for each name in each of ``rounds`` rounds, the order rotated by one
+    from round to round (A B C, B C A, C A B, ...), so that the machine's drift and the position in a
+    round hit every name alike; returns name → what ``run`` returned, round by round (so ratios are
+    taken within rounds). ``each_round(r, results)`` is called after each round (progress lines)."""
+    names = list(names)
+    out: dict = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            out[n].append(run(n))
+        if each_round is not None:
+            each_round(r, out)
+    return out
+
+
+def wall_and_cpu(fn) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds of one call of ``fn``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def device_sync(device: str):
     """A function that waits for the device's queued work (CUDA), or does nothing (CPU)."""
     import torch

@@ -142,13 +142,8 @@ def paired(batch_size: int, seq: int, checkpointing: bool, args) -> dict:
     kinds = ("ours", "ours-plain")
     for kind in kinds:
         step(kind)
-    times = {k: {"wall": [], "cpu": []} for k in kinds}
-    for i in range(args.paired):
-        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
-            c0, t0 = time.process_time(), time.perf_counter()
-            step(kind)
-            times[kind]["wall"].append(time.perf_counter() - t0)
-            times[kind]["cpu"].append(time.process_time() - c0)
+    figures = common.rotating_rounds(kinds, args.paired, lambda k: common.wall_and_cpu(lambda: step(k)))
+    times = {k: {"wall": [w for w, _ in figures[k]], "cpu": [c for _, c in figures[k]]} for k in kinds}
     ratio = [a / b for a, b in zip(times["ours"]["wall"], times["ours-plain"]["wall"])]
     ratio_cpu = [a / b for a, b in zip(times["ours"]["cpu"], times["ours-plain"]["cpu"])]
     return {"batch": batch_size, "seq": seq, "checkpointing": checkpointing, "rounds": args.paired,

@@ -113,14 +113,9 @@ def time_engine(args, folder):
         return c1 - c0, t1 - t0, float(loss.detach())
 
     losses = {v: [step(v)[2] for _ in range(args.warmup)] for v in VARIANTS}
-    cpu = {v: [] for v in VARIANTS}
-    wall = {v: [] for v in VARIANTS}
-    for r in range(args.samples):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
-        for v in order:
-            c, w, _ = step(v)
-            cpu[v].append(c)
-            wall[v].append(w)
+    figures = common.rotating_rounds(VARIANTS, args.samples, step)  # step times itself (thread time)
+    cpu = {v: [c for c, _, _ in figures[v]] for v in VARIANTS}
+    wall = {v: [w for _, w, _ in figures[v]] for v in VARIANTS}
     return cpu, wall, losses, full_blocks
 
 

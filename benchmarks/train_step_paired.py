@@ -182,19 +182,17 @@ def main(argv=None) -> int:
     for m in methods:
         steps[m], trainable[m] = build(m, folder, args, x, variants.get(m))
         first_losses[m] = [steps[m]() for _ in range(args.warmup)]
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    cpu: dict[str, list[float]] = {m: [] for m in methods}
     started = time.time()
-    for r in range(args.rounds):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
-        for m in order:
-            c0, t0 = time.process_time(), time.perf_counter()
-            steps[m]()
-            times[m].append(time.perf_counter() - t0)
-            cpu[m].append(time.process_time() - c0)
+
+    def progress(r, done):
         if (r + 1) % 10 == 0:
-            print(f"  round {r + 1}: " + "  ".join(f"{m} {1000 * times[m][-1]:.0f} ms" for m in methods),
+            print(f"  round {r + 1}: " + "  ".join(f"{m} {1000 * done[m][-1][0]:.0f} ms" for m in methods),
                   file=sys.stderr)
+
+    figures = common.rotating_rounds(methods, args.rounds, lambda m: common.wall_and_cpu(steps[m]),
+                                     each_round=progress)
+    times = {m: [w for w, _ in figures[m]] for m in methods}
+    cpu = {m: [c for _, c in figures[m]] for m in methods}
 
     def within(a, b, t=times):
         return [x / y for x, y in zip(t[a], t[b])]
