@@ -23,14 +23,17 @@ Everything goes under ``--work`` (default ``~/.cache/lora-studio-bench/e2e-study
 the two sweep folders (resumable: run the same command again after a crash) and the evaluations.
 The summary (tables, the machine, the command) is printed and written to ``--json-out``.
 
-The study at the defaults is 7 runs (about 90 minutes on a busy 2-core CPU); check it first at a miniature size:
+The study at the defaults is 7 runs (about 40 minutes on a 2-core CPU with one torch thread, while other
+work ran; two threads on a busy machine were slower). Run again with more ranks or target sets, it trains and
+scores only what is new: the base model's scores, each cell's and full fine-tuning's are kept in --work.
+Check it first at a miniature size:
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/e2e_study.py --steps 3 --ranks 1,2 \
         --target-sets q+v --no-budget --test-mrs 4 --max-new-tokens 16 --work /tmp/e2e-mini
 
-The full study (the README's command):
+The full study (the README's command; one torch thread, see above):
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/e2e_study.py \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/e2e_study.py \
         --json-out benchmarks/results/e2e_study-cpu.json
 """
 
@@ -148,9 +151,11 @@ def base_score(loaded, examples, refs: dict[str, list[str]], args) -> dict:
     key = {"model": args.model, "precision": args.precision, "seed": args.seed, "test_mrs": args.test_mrs,
            "max_new_tokens": args.max_new_tokens, "eval_batch": args.eval_batch}
     path = args.work / "base-scores.json"
+    args.same_eval = False  # a sweep cell's stored scores are reused only under the same settings
     if path.is_file():
         kept = json.loads(path.read_text(encoding="utf-8"))
         if kept.get("key") == key:
+            args.same_eval = True
             return kept["scores"]
     scores = score(loaded, examples, [evaluate.System("base")], refs, args)["base"]
     path.write_text(json.dumps({"key": key, "scores": scores}), encoding="utf-8")
@@ -171,8 +176,9 @@ def evaluate_cells(folder: Path, cells, loaded, examples, refs, args) -> dict:
     from core import evaluate, sweep
 
     done = [c for c in cells if c.status == "finished"]
-    systems = [evaluate.System(c.key, str(folder / c.run / "adapter")) for c in done]
-    scores = score(loaded, examples, systems, refs, args) if systems else {}
+    kept = {c.key: dict(c.metrics) for c in done if args.same_eval and "bleu" in (c.metrics or {})}
+    systems = [evaluate.System(c.key, str(folder / c.run / "adapter")) for c in done if c.key not in kept]
+    scores = {**kept, **(score(loaded, examples, systems, refs, args) if systems else {})}
     for c in done:
         c.metrics = {k: v for k, v in scores[c.key].items() if k != "example"}
     sweep.write_results(folder, cells)
@@ -255,8 +261,15 @@ def main(argv=None) -> int:
             + [f"| {c.targets} | {c.rank} | {c.trainable_params:,} | {c.final_loss:.3f} | {c.metrics.get('bleu', 0):.1f} |"
                for c in cells5 if c.status == "finished"])
     if not args.no_full:
-        summary["full"] = full_finetune(cfg, loaded, args.full_lr)
-        summary["full"].update(score(loaded, examples, [evaluate.System("full-ft")], held, args)["full-ft"])
+        path = args.work / "full.json"  # full fine-tuning changes the loaded model: it runs last, once
+        kept = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        key = {"steps": args.steps, "batch_size": args.batch_size, "full_lr": args.full_lr, "seed": args.seed}
+        if args.same_eval and kept.get("key") == key:
+            summary["full"] = kept["result"]
+        else:
+            summary["full"] = full_finetune(cfg, loaded, args.full_lr)
+            summary["full"].update(score(loaded, examples, [evaluate.System("full-ft")], held, args)["full-ft"])
+            path.write_text(json.dumps({"key": key, "result": summary["full"]}), encoding="utf-8")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["tables"] = tables
     print(f"\nMachine: {describe(summary['machine'])}")
