@@ -10,7 +10,8 @@ What it does, for real (nothing on the screenshots is made up):
    the library and combines two of them (``core.combine``, exact); a ``--home`` used before keeps
    the runs it has, so taking the pictures again skips the training;
 2. opens the main window on ``--model`` and waits for each page's facts (summary, layers, data);
-3. starts a fourth run from the Train page and takes its picture while it trains, then stops it;
+3. starts a fourth run from the Train page and takes its picture while it trains, then presses
+   Generate on the Playground, which the run holding the model refuses (``job-refused``), and stops it;
 4. loads the model, applies the all-linear adapter from the Library, shows its ΔW analysis, ticks
    the three runs on Compare runs, and generates with the base model and the adapter side by side.
 
@@ -66,7 +67,7 @@ def make_library(model: str, steps: int) -> list[Path]:
     from core.home import runs_dir
     from core.library import Library
     from core.train import Trainer
-    from studio.pages.library import combine_into_library
+    from core.library_jobs import combine_into_library
 
     lib = Library()
     for e in lib.entries():  # the run in progress of a previous time is taken again below
@@ -279,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             train.worker.progress.connect(lambda ev: steps.__setitem__("n", steps["n"] + hasattr(ev, "tokens")))
             wait_until(app, lambda: steps["n"] >= args.live_steps, 900, "the live run's steps")
             shot("train", "-running")
+            # the run holds the model: Generate on the Playground is refused with the run's name
+            window.show_page("playground")
+            window.page("playground").generate_button.click()
+            shot("job-refused")
+            window.message_bar.hide()
+            window.show_page("train")
             train.stop()
             wait_until(app, lambda: train.worker is None and not workers.running(), 600, "the run to stop")
 

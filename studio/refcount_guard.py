@@ -7,6 +7,13 @@ a Python callable. CPython 3.12 made these singletons immortal, so the bug is in
 with "Fatal Python error: bool_dealloc: deallocating True or False" (measured here: a worker that
 reports 600 progress values kills the window).
 
+The upstream bug: PySide6 6.12.0 (shiboken6 6.12.0) on CPython < 3.12, the missing ``Py_INCREF`` on
+the value ``SignalInstance.emit`` returns; we found no report of it on Qt's tracker
+(https://bugreports.qt.io/projects/PYSIDE), so the one-line probe in
+tests/test_gui_playground.py::test_thousands_of_streamed_tokens_do_not_exhaust_true is the report to
+file. That test runs the probe with and without this guard and fails when the bare process stops
+dying: the day PySide6 fixes it, the test says so and this module goes.
+
 The guard does what 3.12 does: it adds 2**40 references to each of the three singletons once, so no
 realistic number of leaked decrements can bring them to zero. Nothing is freed early and nothing
 else changes; on 3.12+ (already immortal) and on other interpreters it does nothing. It touches
