@@ -143,9 +143,9 @@ def store_in_library(result: EvalResult, data: str) -> list[Path]:
     return written
 
 
-def stored_summary(folder: str | Path) -> str | None:
-    """One line for a library adapter's details from its ``evaluation.json`` (None without one):
-    each score beside the base model's on the same examples."""
+def stored_evaluation(folder: str | Path) -> dict | None:
+    """A library adapter's ``evaluation.json`` (written by :func:`store_in_library`), or None
+    without a readable one."""
     from core import safeio
     from core.errors import StudioError
 
@@ -155,6 +155,15 @@ def stored_summary(folder: str | Path) -> str | None:
     try:
         data = safeio.loads(path.read_text(encoding="utf-8"), str(path))
     except (OSError, StudioError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stored_summary(folder: str | Path) -> str | None:
+    """One line for a library adapter's details from its ``evaluation.json`` (None without one):
+    each score beside the base model's on the same examples."""
+    data = stored_evaluation(folder)
+    if data is None:
         return None
     scores, base = data.get("scores") or {}, data.get("base_scores") or {}
     parts = []

@@ -650,3 +650,29 @@ def test_trained_adapter_goes_from_the_train_page_to_library_merge_export_and_pl
     qtbot.waitUntil(lambda: play.worker is None, timeout=60_000)
     assert len(play.results) == 2 and all(p.stats.text().endswith(("turn", "limit")) for p in play.panes)
     w.close()
+
+
+def test_list_sorts_by_the_scores_evaluate_stored_with_each_adapter(qtbot, page, setup):
+    """Issue 16: the Score column shows the chosen metric of each adapter's evaluation.json and sorts
+    by it, adapters never evaluated last; the metric is chosen beside the search box."""
+    from core import atomic
+
+    assert not page.score_metric.isVisible() and page.table.isColumnHidden(COLUMN["score"])
+    for name, em, chrf in (("qv-small", 0.25, 41.0), ("mlp-wide", 0.75, 38.5), ("qv-other", 0.5, None)):
+        scores = {"exact_match": em, **({"chrf": chrf} if chrf is not None else {})}
+        atomic.write_json(setup["entries"][name].path / "evaluation.json",
+                          {"data": "held-out.jsonl", "examples": 8, "scores": scores, "base_scores": None})
+    page.reload()
+    assert [page.score_metric.itemData(i) for i in range(page.score_metric.count())] == ["exact_match", "chrf"]
+    assert not page.table.isColumnHidden(COLUMN["score"])
+    assert page.model.headerData(COLUMN["score"], Qt.Orientation.Horizontal) == "exact_match"
+    page.table.sortByColumn(COLUMN["score"], Qt.SortOrder.DescendingOrder)
+    assert names_in_view(page) == ["mlp-wide", "qv-other", "qv-small", "other-arch"]
+    page.table.sortByColumn(COLUMN["score"], Qt.SortOrder.AscendingOrder)
+    assert names_in_view(page) == ["qv-small", "qv-other", "mlp-wide", "other-arch"]
+    page.score_metric.setCurrentIndex(page.score_metric.findData("chrf"))
+    assert page.model.headerData(COLUMN["score"], Qt.Orientation.Horizontal) == "chrf"
+    page.table.sortByColumn(COLUMN["score"], Qt.SortOrder.DescendingOrder)
+    assert names_in_view(page)[:2] == ["qv-small", "mlp-wide"]  # 41.0 > 38.5; the others have no chrF
+    row = names_in_view(page).index("qv-small")
+    assert page.proxy.index(row, COLUMN["score"]).data() == "41.0"

@@ -83,9 +83,12 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
         self.base_filter = QComboBox()
         self.base_filter.setMinimumContentsLength(18)
         self.base_filter.setToolTip("Show only adapters trained on this base model")
+        self.score_metric = QComboBox()
+        self.score_metric.setToolTip("Which stored Evaluate score the Score column shows (sort by it with its header)")
         filters = QHBoxLayout()
         filters.addWidget(self.search, 2)
         filters.addWidget(self.base_filter, 1)
+        filters.addWidget(self.score_metric)
 
         self.table = LibraryTableView()
         self.table.setModel(self.proxy)
@@ -221,6 +224,8 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
         self.search.textChanged.connect(self.proxy.set_text)
         self.search.textChanged.connect(lambda *_: self._update_actions())
         self.base_filter.currentIndexChanged.connect(self._base_filter_changed)
+        self.score_metric.currentIndexChanged.connect(lambda *_: self.model.set_metric(
+            self.score_metric.currentData()))
         self.table.selectionModel().selectionChanged.connect(self._selection_changed)
         self.notes.textChanged.connect(lambda: self.save_notes_button.setEnabled(self._notes_dirty()))
         self.save_notes_button.clicked.connect(self.save_notes)
@@ -242,6 +247,7 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
             entries = []
         self.model.set_entries(entries)
         self._fill_base_filter(entries)
+        self._fill_score_metrics()
         self.empty.setVisible(not entries)
         self.table.setVisible(bool(entries))
         fit_columns(self.table)
@@ -264,6 +270,18 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
         self.base_filter.blockSignals(False)
         if i < 0 and current:
             self.proxy.set_base_model("")
+
+    def _fill_score_metrics(self) -> None:
+        """The metrics stored by Evaluate for any entry; hidden while none has a score."""
+        metrics = self.model.metrics()
+        self.score_metric.blockSignals(True)
+        self.score_metric.clear()
+        for m in metrics:
+            self.score_metric.addItem(f"Score: {m}", m)
+        self.score_metric.setCurrentIndex(max(0, self.score_metric.findData(self.model.metric)))
+        self.score_metric.blockSignals(False)
+        self.score_metric.setVisible(bool(metrics))
+        self.table.setColumnHidden(COLUMN["score"], not metrics)
 
     def _base_filter_changed(self, *_):
         self.proxy.set_base_model(self.base_filter.currentData() or "")

@@ -22,12 +22,16 @@ ENTRY_ROLE = Qt.ItemDataRole.UserRole + 2
 
 COLUMNS = [("name", "Name"), ("base_model", "Base"), ("rank", "r"), ("alpha", "α"),
            ("targets", "Targets"), ("params", "Params"), ("size", "Size"), ("created", "Created"),
-           ("loss", "Loss"), ("on_model", "On model")]
+           ("loss", "Loss"), ("score", "Score"), ("on_model", "On model")]
 COLUMN = {key: i for i, (key, _) in enumerate(COLUMNS)}
-NUMERIC = {"rank", "alpha", "params", "size", "loss"}
+NUMERIC = {"rank", "alpha", "params", "size", "loss", "score"}
+SCORE_ORDER = ("exact_match", "json_fields", "json_valid", "chrf", "rougeL", "bleu", "loss")
+"""Which stored Evaluate metric the Score column shows first, when the adapters have several."""
 ALL_BASES = "All base models"
 HEADER_TIPS = {"base_model": "The base model it was trained on", "rank": "Rank r of the update B·A", "alpha": "Alpha α: the update is scaled by α/r (α/√r with rsLoRA)",
                "loss": "The best validation loss, else the final training loss",
+               "score": "The adapter's score from its last evaluation (Evaluate page, kept beside it in the "
+                        "library); the metric is chosen beside the search box",
                "params": "Trainable parameters: Σ r·(d_in + d_out) over the adapted matrices",
                "on_model": "How the adapter is on the loaded model: active, merged into the weights, or "
                            "loaded but inactive"}
@@ -74,11 +78,35 @@ class LibraryTableModel(QAbstractTableModel):
         self.entries: list = []
         self.compat: dict[str, Compat] = {}
         self.on_model: dict[str, str] = {}
+        self.scores: dict[str, dict[str, float]] = {}  # id -> the scores its evaluation.json stores
+        self.metric: str | None = None  # the one the Score column shows
 
     def set_entries(self, entries: list) -> None:
+        from core.eval_results import stored_evaluation
+
         self.beginResetModel()
         self.entries = list(entries)
+        self.scores = {}
+        for e in self.entries:
+            scores = (stored_evaluation(e.path) or {}).get("scores") or {}
+            self.scores[e.id] = {m: float(v) for m, v in scores.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.metric not in self.metrics():
+            self.metric = next(iter(self.metrics()), None)
         self.endResetModel()
+
+    def metrics(self) -> list[str]:
+        """The metrics some entry has a stored score for, the usual first (SCORE_ORDER)."""
+        have = {m for s in self.scores.values() for m in s if m != "perplexity"}
+        return sorted(have, key=lambda m: (SCORE_ORDER.index(m) if m in SCORE_ORDER else len(SCORE_ORDER), m))
+
+    def set_metric(self, metric: str | None) -> None:
+        self.metric = metric
+        self.headerDataChanged.emit(Qt.Orientation.Horizontal, COLUMN["score"], COLUMN["score"])
+        self._all_changed()
+
+    def score(self, entry) -> float | None:
+        return self.scores.get(entry.id, {}).get(self.metric) if self.metric else None
 
     def set_compat(self, compat: dict[str, Compat]) -> None:
         self.compat = dict(compat)
@@ -104,6 +132,8 @@ class LibraryTableModel(QAbstractTableModel):
 
     def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            if COLUMNS[section][0] == "score" and self.metric:
+                return self.metric
             return COLUMNS[section][1]
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
             return HEADER_TIPS.get(COLUMNS[section][0])
@@ -115,7 +145,7 @@ class LibraryTableModel(QAbstractTableModel):
             "name": entry.name.casefold(), "base_model": entry.base_model or None, "rank": entry.rank,
             "alpha": entry.alpha, "targets": _targets(entry) or None, "params": entry.trainable_params or None,
             "size": entry.size_bytes or None, "created": entry.created or None, "loss": entry.loss,
-            "on_model": self.on_model.get(entry.id),
+            "score": self.score(entry), "on_model": self.on_model.get(entry.id),
         }[key]
 
     def display(self, entry, key: str) -> str:
@@ -137,6 +167,9 @@ class LibraryTableModel(QAbstractTableModel):
             return _created(entry.created, short=True)
         if key == "loss":
             return "" if entry.loss is None else f"{entry.loss:.4f}"
+        if key == "score":
+            v = self.score(entry)
+            return "" if v is None else (f"{v:.1f}" if self.metric in ("bleu", "chrf") else f"{v:.3f}")
         if key == "on_model":
             return self.on_model.get(entry.id, "")
         return ""
