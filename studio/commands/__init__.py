@@ -11,7 +11,8 @@ import importlib
 from types import ModuleType
 
 # In the order ``lora-studio --help`` lists them.
-NAMES = ("gui", "models", "data", "targets", "train", "merge", "export_gguf", "inspect", "library", "evaluate", "sweep")
+NAMES = ("gui", "models", "data", "targets", "train", "generate", "merge", "export_gguf", "inspect", "library",
+         "evaluate", "sweep")
 
 
 def load() -> list[ModuleType]:

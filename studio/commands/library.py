@@ -77,6 +77,10 @@ def register(sub) -> None:
     p.add_argument("entry", metavar="NAME_OR_TRASH_ID", nargs="?", help="only this one (default: everything)")
     p.set_defaults(func=cmd_empty_trash)
 
+    from studio.commands.library_combine import register_combine  # combine: as the window's Library does
+
+    register_combine(cmds)
+
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()

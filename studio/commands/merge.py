@@ -28,16 +28,7 @@ def register(sub) -> None:
     m.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="an adapter folder (ours or PEFT's), or the name or id of an adapter in the library; "
                         "repeat to merge several")
-    m.add_argument("--weights", metavar="W1,W2,...",
-                   help="one weight per adapter, comma-separated (default: 1 each); ΔW of each is scaled by "
-                        "its weight, so 0.5,0.5 averages two adapters and -1 subtracts one")
-    m.add_argument("--combine", default="exact", choices=COMBINE_MODES,
-                   help="exact: the weighted sum of every adapter's ΔW, merged exactly (default); svd: "
-                        "first combine them into one adapter of rank --rank by truncated SVD; ties, "
-                        "dare_linear, dare_ties: PEFT's task merges of the ΔW's (TIES keeps the top 20%% of "
-                        "entries and elects signs; DARE drops 90%% at random and rescales), then rank --rank")
-    m.add_argument("--rank", type=int, metavar="R",
-                   help="rank of the combined adapter with --combine svd, ties or dare_* (default: the largest rank among the adapters)")
+    add_combine_options(m)
     m.add_argument("--out", required=True, metavar="DIR", help="the model folder to create (must not exist)")
     m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="dtype of the saved weights (default auto: the base checkpoint's own; the merge "
@@ -50,6 +41,27 @@ def register(sub) -> None:
                    help="skip loading the export back and comparing logits (faster, not recommended)")
     m.add_argument("--json", action="store_true", help="print the report (files, sizes, figures, times) as JSON")
     m.set_defaults(func=cmd_merge)
+
+
+def add_combine_options(parser, *, what: str = "adapter") -> None:
+    """``--weights``, ``--combine`` and ``--rank``: how several adapters become one (merge, library combine)."""
+    parser.add_argument("--weights", metavar="W1,W2,...",
+                        help=f"one weight per {what}, comma-separated (default: 1 each); ΔW of each is scaled by "
+                             "its weight, so 0.5,0.5 averages two adapters and -1 subtracts one")
+    parser.add_argument("--combine", default="exact", choices=COMBINE_MODES,
+                        help="exact: the weighted sum of every adapter's ΔW, kept exactly (default); svd: "
+                             "combine them into one adapter of rank --rank by truncated SVD; ties, "
+                             "dare_linear, dare_ties: PEFT's task merges of the ΔW's (TIES keeps the top 20%% of "
+                             "entries and elects signs; DARE drops 90%% at random and rescales), then rank --rank")
+    parser.add_argument("--rank", type=int, metavar="R",
+                        help="rank of the combined adapter with --combine svd, ties or dare_* (default: the "
+                             "largest rank among the adapters)")
+
+
+def check_rank_option(args) -> None:
+    if args.rank is not None and args.combine == "exact":
+        raise StudioError("--rank: not used with --combine exact (it keeps every adapter's full rank); "
+                          "give it with svd, ties or dare_*")
 
 
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -88,9 +100,7 @@ def cmd_merge(args) -> int:
     fetch_model(args.model)
     folders = [adapter_folder(a) for a in args.adapter]
     weights = _parse_weights(args.weights, len(folders))
-    if args.rank is not None and args.combine == "exact":
-        raise StudioError("--rank: not used with --combine exact (it keeps every adapter's full rank); "
-                          "give it with svd, ties or dare_*")
+    check_rank_option(args)
     bar = tqdm(total=100, unit="%", disable=None, file=sys.stderr,
                bar_format="{l_bar}{bar}| {elapsed}")
 
