@@ -117,6 +117,41 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
         model_row.addWidget(self.model_line, 1)
         model_row.addWidget(self.load_button)
 
+        actions = self._build_actions()
+        self.undo_bar = UndoBar()
+        self.undo_bar.undo.clicked.connect(self.undo_delete)
+
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(0, 0, 0, 0)
+        ll.addLayout(filters)
+        ll.addWidget(self.table, 1)
+        ll.addWidget(self.empty)
+        ll.addWidget(self.undo_bar)
+        ll.addLayout(model_row)
+        ll.addLayout(actions)
+        ll.addWidget(self.job_row)
+
+        # -- the selected adapter -------------------------------------------------------------------
+        self.details = EntryDetails()
+        d = self.details
+        self.title, self.facts, self.compat_label, self.notes = d.title, d.facts, d.compat_label, d.notes
+        self.save_notes_button, self.curve, self.delta, self.tabs = d.save_notes_button, d.curve, d.delta, d
+
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(left)
+        split.addWidget(self.tabs)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        split.setChildrenCollapsible(False)
+        split.setSizes([720, 340])  # the table (all its columns) first; the details wrap
+        self.splitter = split
+        lay = QVBoxLayout(self)
+        lay.addWidget(split)
+
+    def _build_actions(self) -> QGridLayout:
+        """The action buttons in three short rows, and the table's context menu over them."""
         def button(text: str, tip: str, slot) -> QPushButton:
             b = QPushButton(text)
             b.setToolTip(tip)
@@ -177,8 +212,7 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
                 act.setShortcut(key)
                 act.setShortcutContext(Qt.ShortcutContext.WidgetShortcut)
             self.table.addAction(act)
-
-        self.job_bar = QProgressBar()
+        self.job_bar = QProgressBar()  # the one job bar the actions run under (library_model._run_job)
         self.job_bar.setRange(0, 1000)
         self.job_cancel = QPushButton("Cancel")
         self.job_cancel.clicked.connect(self.cancel_job)
@@ -188,37 +222,7 @@ class LibraryPage(LibraryModelSide, LibraryFileActions, Page):
         jr.addWidget(self.job_bar, 1)
         jr.addWidget(self.job_cancel)
         self.job_row.hide()
-        self.undo_bar = UndoBar()
-        self.undo_bar.undo.clicked.connect(self.undo_delete)
-
-        left = QWidget()
-        ll = QVBoxLayout(left)
-        ll.setContentsMargins(0, 0, 0, 0)
-        ll.addLayout(filters)
-        ll.addWidget(self.table, 1)
-        ll.addWidget(self.empty)
-        ll.addWidget(self.undo_bar)
-        ll.addLayout(model_row)
-        ll.addLayout(actions)
-        ll.addWidget(self.job_row)
-
-        # -- the selected adapter -------------------------------------------------------------------
-        self.details = EntryDetails()
-        d = self.details
-        self.title, self.facts, self.compat_label, self.notes = d.title, d.facts, d.compat_label, d.notes
-        self.save_notes_button, self.curve, self.delta, self.tabs = d.save_notes_button, d.curve, d.delta, d
-
-
-        split = QSplitter(Qt.Orientation.Horizontal)
-        split.addWidget(left)
-        split.addWidget(self.tabs)
-        split.setStretchFactor(0, 3)
-        split.setStretchFactor(1, 2)
-        split.setChildrenCollapsible(False)
-        split.setSizes([720, 340])  # the table (all its columns) first; the details wrap
-        self.splitter = split
-        lay = QVBoxLayout(self)
-        lay.addWidget(split)
+        return actions
 
     def _wire(self) -> None:
         self.search.textChanged.connect(self.proxy.set_text)
