@@ -144,6 +144,39 @@ def task_merge(mode: str, deltas: Sequence[torch.Tensor], weights: Sequence[floa
     return (pruned * w * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
+def _combine_module(adapters: Sequence[AdapterFiles], weights: Sequence[float], m: str, *, mode: str,
+                    out_rank: int, exact_rank: int | None, alpha: float, density: float | None,
+                    majority_sign: str, generator: torch.Generator | None, work: torch.dtype):
+    """One module of :func:`combine`: ``(A, B, rank, ‖ΔW‖², ‖what the rank cut off‖²)`` in ``work``."""
+    p, q = _stacked(adapters, weights, m, work)
+    d_out, d_in = p.shape[0], q.shape[1]
+    if mode == "exact":
+        r_m = exact_rank
+        s_out = alpha / r_m
+        b, a = p / s_out, q
+        u, s, _ = low_rank_svd(p, q)
+        norm2, tail2 = float((s ** 2).sum()), 0.0
+    else:
+        r_m = min(out_rank, d_out, d_in)
+        s_out = alpha / r_m
+        if mode in TASK_MERGES:  # dense: trimming and sign election act entry by entry
+            present = [(ad, w) for ad, w in zip(adapters, weights) if m in ad.tensors]
+            merged = task_merge(mode, [ad.delta(m) for ad, _ in present], [w for _, w in present],
+                                density, majority_sign, generator)
+            u, s, vh = torch.linalg.svd(merged.to(work), full_matrices=False)
+            v = vh.t()
+        else:
+            u, s, v = low_rank_svd(p, q)
+        k = min(r_m, s.numel())
+        root = s[:k].sqrt()
+        b = torch.zeros(d_out, r_m, dtype=work)
+        a = torch.zeros(r_m, d_in, dtype=work)
+        b[:, :k] = u[:, :k] * root / s_out  # split √σ onto both factors: balanced for further training
+        a[:k] = (v[:, :k] * root).t()
+        norm2, tail2 = float((s ** 2).sum()), float((s[k:] ** 2).sum())
+    return a, b, r_m, norm2, tail2
+
+
 def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode: str = "exact",
             rank: int | None = None, density: float | None = None, majority_sign: str = "total",
             seed: int = 0, generator: torch.Generator | None = None) -> tuple[AdapterFiles, dict]:
@@ -173,6 +206,7 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
     ranks: dict[str, int] = {}
     report_modules: dict[str, dict] = {}
     tail_total = norm_total = 0.0
+    out_ranks: dict[str, int] = {}
     if mode == "exact":
         out_ranks = {m: sum(ad.module_rank(m) for ad in adapters if m in ad.tensors) for m in modules}
         out_rank = max(out_ranks.values())
@@ -180,32 +214,10 @@ def combine(adapters: Sequence[AdapterFiles], weights: Sequence[float], *, mode:
         out_rank = rank or max(max([ad.rank, *ad.ranks.values()]) for ad in adapters)
     alpha = float(out_rank)  # s = alpha / r_m: 1 for modules at the adapter-wide rank
     for m in modules:
-        p, q = _stacked(adapters, weights, m, work)
-        d_out, d_in = p.shape[0], q.shape[1]
-        if mode == "exact":
-            r_m = out_ranks[m]
-            s_out = alpha / r_m
-            b, a = p / s_out, q
-            u, s, _ = low_rank_svd(p, q)
-            norm2, tail2 = float((s ** 2).sum()), 0.0
-        else:
-            r_m = min(out_rank, d_out, d_in)
-            s_out = alpha / r_m
-            if mode in TASK_MERGES:  # dense: trimming and sign election act entry by entry
-                present = [(ad, w) for ad, w in zip(adapters, weights) if m in ad.tensors]
-                merged = task_merge(mode, [ad.delta(m) for ad, _ in present], [w for _, w in present],
-                                    density, majority_sign, generator)
-                u, s, vh = torch.linalg.svd(merged.to(work), full_matrices=False)
-                v = vh.t()
-            else:
-                u, s, v = low_rank_svd(p, q)
-            k = min(r_m, s.numel())
-            root = s[:k].sqrt()
-            b = torch.zeros(d_out, r_m, dtype=work)
-            a = torch.zeros(r_m, d_in, dtype=work)
-            b[:, :k] = u[:, :k] * root / s_out  # split √σ onto both factors: balanced for further training
-            a[:k] = (v[:, :k] * root).t()
-            norm2, tail2 = float((s ** 2).sum()), float((s[k:] ** 2).sum())
+        a, b, r_m, norm2, tail2 = _combine_module(adapters, weights, m, mode=mode, out_rank=out_rank,
+                                                  exact_rank=out_ranks.get(m) if mode == "exact" else None,
+                                                  alpha=alpha, density=density, majority_sign=majority_sign,
+                                                  generator=generator, work=work)
         tensors[m] = (a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous())
         if r_m != out_rank:
             ranks[m] = r_m
