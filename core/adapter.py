@@ -471,6 +471,49 @@ def _natural(name: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
+def _lora_pairs(folder: Path, raw: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights file's tensors as module → {"A": lora_A, "B": lora_B}; anything else is refused."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    names = set()
+    for key, t in raw.items():
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _KEY.match(k)
+        if not m:
+            raise _refuse(folder, f"{WEIGHTS_FILE} holds '{key}', which is not a LoRA A or B matrix of a linear "
+                                  "layer (embedding LoRA, DoRA magnitudes or saved modules are not supported)",
+                          "load plain LoRA adapters of linear layers only")
+        if m["name"]:
+            names.add(m["name"])
+        pairs.setdefault(m["module"], {})[m["which"]] = t
+    if len(names) > 1:
+        raise _refuse(folder, f"{WEIGHTS_FILE} holds several adapters ({', '.join(sorted(names))})",
+                      "save each adapter into its own folder")
+    if not pairs:
+        raise _refuse(folder, f"{WEIGHTS_FILE} holds no LoRA matrices", "choose a folder holding a LoRA adapter")
+    return pairs
+
+
+def _read_studio(folder: Path) -> dict:
+    """studio.json (empty when there is none), refused when unreadable or of a newer format."""
+    studio: dict = {}
+    sp = folder / STUDIO_FILE
+    if sp.is_file():
+        try:
+            studio = safeio.read_json(sp, where=STUDIO_FILE)
+        except StudioError as e:
+            raise _refuse(folder, str(e), "copy or export the adapter again") from None
+        if not isinstance(studio, dict):
+            raise _refuse(folder, f"{STUDIO_FILE} does not hold a JSON object", "copy or export the adapter again")
+        version = studio.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise _refuse(folder, f"{STUDIO_FILE}: format_version must be an integer (got {str(version)[:40]!r})",
+                          "copy or export the adapter again")
+        if version > FORMAT_VERSION:
+            raise _refuse(folder, f"{STUDIO_FILE} has format version {studio['format_version']}, newer than this "
+                                  f"LoRA Studio reads ({FORMAT_VERSION})", "update LoRA Studio")
+    return studio
+
+
 def read_adapter(folder: str | Path) -> AdapterFiles:
     """Read and validate an adapter folder (ours or PEFT's) without touching any model.
 
@@ -493,23 +536,7 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
     _check_config(folder, cfg)
     raw = _read_tensors(folder)
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    names = set()
-    for key, t in raw.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = _KEY.match(k)
-        if not m:
-            raise _refuse(folder, f"{WEIGHTS_FILE} holds '{key}', which is not a LoRA A or B matrix of a linear "
-                                  "layer (embedding LoRA, DoRA magnitudes or saved modules are not supported)",
-                          "load plain LoRA adapters of linear layers only")
-        if m["name"]:
-            names.add(m["name"])
-        pairs.setdefault(m["module"], {})[m["which"]] = t
-    if len(names) > 1:
-        raise _refuse(folder, f"{WEIGHTS_FILE} holds several adapters ({', '.join(sorted(names))})",
-                      "save each adapter into its own folder")
-    if not pairs:
-        raise _refuse(folder, f"{WEIGHTS_FILE} holds no LoRA matrices", "choose a folder holding a LoRA adapter")
+    pairs = _lora_pairs(folder, raw)
 
     rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -550,22 +577,7 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
                 raise _refuse(folder, f"target_modules lists '{t}' but {WEIGHTS_FILE} has no matrices for it",
                               "the file is incomplete; copy or export the adapter again")
 
-    studio: dict = {}
-    sp = folder / STUDIO_FILE
-    if sp.is_file():
-        try:
-            studio = safeio.read_json(sp, where=STUDIO_FILE)
-        except StudioError as e:
-            raise _refuse(folder, str(e), "copy or export the adapter again") from None
-        if not isinstance(studio, dict):
-            raise _refuse(folder, f"{STUDIO_FILE} does not hold a JSON object", "copy or export the adapter again")
-        version = studio.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise _refuse(folder, f"{STUDIO_FILE}: format_version must be an integer (got {str(version)[:40]!r})",
-                          "copy or export the adapter again")
-        if version > FORMAT_VERSION:
-            raise _refuse(folder, f"{STUDIO_FILE} has format version {studio['format_version']}, newer than this "
-                                  f"LoRA Studio reads ({FORMAT_VERSION})", "update LoRA Studio")
+    studio = _read_studio(folder)
     dropout = cfg.get("lora_dropout", 0.0) or 0.0
     return AdapterFiles(folder=folder, config=cfg, rank=rank, alpha=alpha, rslora=bool(cfg.get("use_rslora")),
                         dropout=float(dropout), targets=sorted(tensors, key=_natural), tensors=tensors, studio=studio,
