@@ -225,6 +225,23 @@ def test_load_settings_of_an_earlier_run_and_default_names(window, qtbot, checkp
     assert c.out == "" and c.name == ""  # a new run gets its own folder and name
 
 
+def test_load_settings_never_turns_on_remote_code(window, qtbot, checkpoint):  # noqa: F811
+    """An earlier run of this very model that had trust_remote_code on: its settings come back, its
+    permission does not (as `train --config` never turns it on; only the Model page's box does)."""
+    from core.config import RunConfig
+    from core.home import runs_dir
+
+    cfg = RunConfig()
+    cfg.model.source, cfg.model.trust_remote_code, cfg.train.seed = window.state.config.model.source, True, 123
+    run = runs_dir() / "remote-code-run"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert window.state.config.model.trust_remote_code is False
+    window.page("train").load_settings_of(str(run))
+    qtbot.waitUntil(lambda: window.state.config.train.seed == 123, timeout=LONG)
+    assert window.state.config.model.trust_remote_code is False
+
+
 def test_on_the_next_start_the_window_offers_to_resume_an_unfinished_run(qtbot, checkpoint):
     from core.config import RunConfig
     from core.home import runs_dir

@@ -226,7 +226,9 @@ class TrainPage(Page):
         for section in ("model", "lora", "data", "train"):
             mine, theirs = getattr(c, section), getattr(cfg, section)
             for f in fields(mine):
-                if (section, f.name) != ("model", "source"):
+                # the model is chosen below; its permission to run its own code is never taken from a
+                # file (as `train --config` does not): only the Model page's checkbox gives it
+                if (section, f.name) not in (("model", "source"), ("model", "trust_remote_code")):
                     setattr(mine, f.name, getattr(theirs, f.name))
         c.out, c.name = "", ""  # a new run: its own folder and name
         self.state.set_model(cfg.model.source)  # reads the model's facts again when it is another
