@@ -12,7 +12,8 @@ finishes, so the library never holds a partial adapter. A run that fails before 
 leaves nothing on disk (``core.train``), and the page forgets it as soon as the input changes.
 
 The settings form is :mod:`studio.pages.train_form`, the earlier runs and the resume banner
-:mod:`studio.pages.train_runs`.
+:mod:`studio.pages.train_runs`, the run column (buttons, progress, plot) and what the trainer's events
+do to it :mod:`studio.pages.train_run`.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ import shlex
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QApplication, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea,
-                               QStyle, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QApplication, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from studio import workers
 from studio.pages import Page
 from studio.pages.train_form import TrainSettings
+from studio.pages.train_run import RunColumn
 from studio.pages.train_runs import EarlierRuns, ResumeBanner, load_run
-from studio.widgets import format_bytes, format_duration
-from studio.widgets.elided import ElidedLabel
-from studio.widgets.loss_plot import LossPlot
 
 FORM_CONTROLS = ("by_steps", "by_epochs", "steps", "epochs", "batch", "accum", "lr", "scheduler", "warmup",
                  "max_length", "val_split", "eval_every", "save_every", "seed", "run_name")
@@ -51,7 +49,7 @@ def run_folder_for(cfg) -> str:
     return str(runs.new_run_folder(name))
 
 
-class TrainPage(Page):
+class TrainPage(RunColumn, Page):
     KEY = "train"
     TITLE = "Train"
     ICON = "SP_MediaSeekForward"
@@ -101,59 +99,7 @@ class TrainPage(Page):
         scroll.setMaximumWidth(420)
         self.settings_column = scroll
 
-        # -- controls, progress, plot ---------------------------------------------------------------
-        st = self.style()
-        self._icons = {k: st.standardIcon(getattr(QStyle.StandardPixmap, f"SP_Media{k}"))
-                       for k in ("Play", "Pause", "Stop")}
-        self.start_button = QPushButton(self._icons["Play"], "Start")
-        self.start_button.setToolTip("Start training (Ctrl+Return)")
-        self.start_button.clicked.connect(self.start)
-        self.pause_button = QPushButton(self._icons["Pause"], "Pause")
-        self.pause_button.setToolTip("Pause after this step (a checkpoint is written); Resume continues")
-        self.pause_button.clicked.connect(self.toggle_pause)
-        self.stop_button = QPushButton(self._icons["Stop"], "Stop")
-        self.stop_button.setToolTip("Stop after this step and save a checkpoint; Resume continues it later "
-                                    "(Ctrl+.)")
-        self.stop_button.clicked.connect(self.stop)
-        self.sweep_button = QPushButton("Sweep…")
-        self.sweep_button.setToolTip("Train a grid of runs over rank × target set with these settings, one after "
-                                     "another (the LoRA paper's Tables 5 and 6)")
-        self.sweep_button.clicked.connect(self.open_sweep)
-        buttons = QHBoxLayout()
-        for b in (self.start_button, self.pause_button, self.stop_button, self.sweep_button):
-            buttons.addWidget(b)
-        buttons.addSpacing(8)
-        self.status = ElidedLabel("Ready")
-        buttons.addWidget(self.status, 1)
-
-        self.progress = QProgressBar()
-        self._reset_progress()
-        self.eta_label = QLabel("–")
-        self.speed_label = QLabel("–")
-        self.loss_label = QLabel("–")
-        self.memory_label = QLabel("–")
-        stats = QHBoxLayout()
-        for title, lab in (("loss", self.loss_label), ("ETA", self.eta_label), ("speed", self.speed_label),
-                           ("memory", self.memory_label)):
-            t = QLabel(f"{title}:")
-            t.setStyleSheet("color: palette(placeholder-text);")
-            stats.addWidget(t)
-            stats.addWidget(lab)
-            stats.addSpacing(14)
-        stats.addStretch(1)
-        self.plot = LossPlot()
-        self.folder_label = ElidedLabel(mode=Qt.TextElideMode.ElideMiddle)
-        self.folder_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.folder_label.setStyleSheet("color: palette(placeholder-text);")
-
-        right = QWidget()
-        rr = QVBoxLayout(right)
-        rr.setContentsMargins(0, 0, 0, 0)
-        rr.addLayout(buttons)
-        rr.addWidget(self.progress)
-        rr.addLayout(stats)
-        rr.addWidget(self.plot, 1)
-        rr.addWidget(self.folder_label)
+        right = self._build_run_column()
 
         lay = QHBoxLayout(self)
         lay.addWidget(scroll)
@@ -191,11 +137,6 @@ class TrainPage(Page):
         self.state.say("")
         self._reset_progress()
         self.folder_label.setText("")
-
-    def _reset_progress(self) -> None:
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("%v / %m steps")
 
     def command_line(self) -> str:
         """The ``lora-studio train`` command of the current settings, as a shell line."""
@@ -331,71 +272,6 @@ class TrainPage(Page):
             w.pause()
             self._show_pause("pausing")
             self.status.setText(f"Pausing after step {self.progress.value()}…")
-
-    def _show_pause(self, what: str) -> None:
-        """The Pause button as the run really is: Pause (running), Pausing… (asked, not yet there),
-        Resume with a play icon (paused)."""
-        self.pause_state = what
-        b = self.pause_button
-        if what == "paused":
-            b.setText("Resume")
-            b.setIcon(self._icons["Play"])
-            b.setToolTip("Continue training from where it paused")
-        else:
-            b.setText("Pausing…" if what == "pausing" else "Pause")
-            b.setIcon(self._icons["Pause"])
-            b.setToolTip("Pause after this step (a checkpoint is written); Resume continues")
-        b.setEnabled(what in ("running", "paused") and self.worker is not None and not self.worker.is_cancelled())
-
-    def on_event(self, ev) -> None:
-        """One trainer event (StepEvent, EvalEvent or StatusEvent), in the GUI thread."""
-        self.events += 1
-        kind = type(ev).__name__
-        if kind == "StepEvent":
-            self._on_step(ev)
-        elif kind == "EvalEvent":
-            self.plot.add_eval(ev.step, ev.eval_loss)
-        elif kind == "StatusEvent":
-            self._on_status(ev)
-
-    def _on_step(self, ev) -> None:
-        self.plot.add_step(ev.step, ev.loss, ev.lr)
-        if self.pause_state == "idle" and self.worker is not None and not self.worker.is_cancelled():
-            self._show_pause("running")  # the first step: now there is something to pause
-        total = max(1, int(ev.total_steps or 1))
-        if self.progress.maximum() != total:
-            self.progress.setRange(0, total)
-            self.progress.setFormat("%v / %m steps")
-        self.progress.setValue(min(int(ev.step), total))
-        if ev.loss is not None:
-            smooth = self.plot.last_smoothed()
-            self.loss_label.setText(f"{ev.loss:.4f}" + (f" (smoothed {smooth:.4f})" if smooth else ""))
-        self.eta_label.setText(format_duration(ev.eta))
-        tps = getattr(ev, "tokens_per_second", None)
-        self.speed_label.setText(f"{tps:,.0f} tok/s" if tps else "–")
-        mem = getattr(ev, "memory_bytes", None)
-        self.memory_label.setText(format_bytes(mem) if mem else "–")
-        if self.pause_state == "pausing":
-            self.status.setText(f"Pausing after step {ev.step}…")
-        elif self.pause_state == "running" and not (self.worker and self.worker.is_cancelled()):
-            self.status.setText(f"Training: step {ev.step} of {total}")
-
-    def _on_status(self, ev) -> None:
-        text = ev.message or ev.kind
-        if ev.kind in ("loading", "tokenizing") and self.plot.steps_received == 0:
-            if ev.fraction is None:
-                self.progress.setRange(0, 0)  # busy until the first step
-            else:
-                self.progress.setRange(0, 1000)
-                self.progress.setValue(int(1000 * ev.fraction))
-            self.progress.setFormat(text)
-        if ev.kind == "paused":
-            self._show_pause("paused")
-            text = f"Paused at step {self.progress.value()}; checkpoint saved"
-        elif self.pause_state in ("pausing", "paused") and ev.kind in ("training", "evaluating", "checkpoint"):
-            return  # still on its way to the pause, or the evaluation a pause interrupted: keep saying so
-        self.status.setText(text[:1].upper() + text[1:] if text else "")
-        self.state.say(text)
 
     def _on_finished(self, result) -> None:
         self.last_result = result
