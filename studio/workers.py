@@ -182,7 +182,7 @@ class Worker(QObject):
         self._thread: _Runner | None = None
         self.running = False
         self.started_at = 0.0
-        self.ticket = None  # the core.session.Ticket its job holds, if any (released when the thread ends)
+        self.ticket = None  # the core.session.Ticket its job holds, if any (released as soon as the job returns, before its report)
         self._detached = False
         self._relay.connect(self._deliver)  # queued: the worker object lives in the GUI thread
 
@@ -246,7 +246,10 @@ class Worker(QObject):
         try:
             if self.heavy:
                 warm_imports()
-            result = self.work()
+            try:
+                result = self.work()
+            finally:
+                self._give_back()
         except Cancelled:
             self._send("cancelled")
         except BaseException as e:  # noqa: BLE001 - every failure becomes one message
@@ -262,6 +265,17 @@ class Worker(QObject):
         finally:
             self.running = False
             self._send("done")
+
+    def _give_back(self) -> None:
+        """Worker thread: the job is over, so its ticket goes back before any report does; a page that
+        sees the job end (and lets the next one start) then finds the model free. The thread's end
+        releases it again, which does nothing the second time."""
+        t = self.ticket
+        if t is not None:
+            try:
+                t.release()
+            except Exception:  # noqa: BLE001 - giving the model back must not turn a result into a failure
+                log.exception("releasing the model after %s", type(self).__name__)
 
     def _reports_after_cancel(self) -> bool:
         """Whether a result after cancel() still counts (a stopped training run does)."""
@@ -312,8 +326,9 @@ def start(worker: Worker, owner: QObject | None = None, ticket=None) -> Worker:
 
     ``owner`` (usually the page starting it): when the owner is destroyed, the worker is cancelled
     and its signals are disconnected, so a result arriving later never reaches a deleted widget.
-    ``ticket`` (a core.session.Ticket the page took for the job): given back when the thread has
-    ended, whatever the job did, so the model is never held by a job that is over.
+    ``ticket`` (a core.session.Ticket the page took for the job): given back as soon as the job
+    returns or fails, before the page hears of it (so a page that lets the next job start finds the
+    model free), and again, harmlessly, when the thread has ended, whatever the job did.
     """
     gc_guard.install()  # cycles are collected in this (GUI) thread, never in the worker's
     thread = _Runner(worker)

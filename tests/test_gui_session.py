@@ -127,3 +127,28 @@ def test_closing_with_a_job_running_never_blocks_and_the_process_ends_by_itself(
         assert saved.read_text() == "saved"  # what the job had to save was saved before the exit
     else:
         assert not saved.exists() and took < 60  # left behind after the grace period, no abort
+
+
+def test_a_jobs_ticket_is_back_before_the_page_hears_that_it_ended(qtbot):
+    """A page re-enables its buttons when its job's worker reports; the model must already be free
+    then, or the next click (Generate right after Unmerge) is refused by a job that is over."""
+    from core.session import ModelSession
+    from studio import workers
+
+    session = ModelSession()
+    seen = []
+    for outcome in ("finished", "failed"):
+        ticket = session.acquire("unmerge")
+
+        def job(outcome=outcome):
+            time.sleep(0.05)
+            if outcome == "failed":
+                raise ValueError("the job failed")
+            return 1
+
+        w = workers.FunctionWorker(job)
+        w.heavy = False
+        getattr(w, outcome).connect(lambda *_a: seen.append(ticket.released))
+        with qtbot.waitSignal(w.done, timeout=10_000):
+            workers.start(w, ticket=ticket)
+    assert seen == [True, True]
