@@ -493,17 +493,23 @@ def _lora_pairs(folder: Path, raw: dict) -> dict[str, dict[str, torch.Tensor]]:
     return pairs
 
 
+def _read_object(folder: Path, path: Path) -> dict:
+    """One of the adapter's JSON files, which must hold an object; a damaged one is refused in one line."""
+    try:
+        value = safeio.read_json(path, where=path.name)
+    except StudioError as e:
+        raise _refuse(folder, str(e), "copy or export the adapter again") from None
+    if not isinstance(value, dict):
+        raise _refuse(folder, f"{path.name} does not hold a JSON object", "copy or export the adapter again")
+    return value
+
+
 def _read_studio(folder: Path) -> dict:
     """studio.json (empty when there is none), refused when unreadable or of a newer format."""
     studio: dict = {}
     sp = folder / STUDIO_FILE
     if sp.is_file():
-        try:
-            studio = safeio.read_json(sp, where=STUDIO_FILE)
-        except StudioError as e:
-            raise _refuse(folder, str(e), "copy or export the adapter again") from None
-        if not isinstance(studio, dict):
-            raise _refuse(folder, f"{STUDIO_FILE} does not hold a JSON object", "copy or export the adapter again")
+        studio = _read_object(folder, sp)
         version = studio.get("format_version", FORMAT_VERSION)
         if not isinstance(version, int) or isinstance(version, bool):
             raise _refuse(folder, f"{STUDIO_FILE}: format_version must be an integer (got {str(version)[:40]!r})",
@@ -527,12 +533,7 @@ def read_adapter(folder: str | Path) -> AdapterFiles:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise _refuse(folder, f"no {CONFIG_FILE} in the folder", "choose a folder holding a LoRA adapter")
-    try:
-        cfg = safeio.read_json(cfg_path, where=CONFIG_FILE)
-    except StudioError as e:
-        raise _refuse(folder, str(e), "copy or export the adapter again") from None
-    if not isinstance(cfg, dict):
-        raise _refuse(folder, f"{CONFIG_FILE} does not hold a JSON object", "copy or export the adapter again")
+    cfg = _read_object(folder, cfg_path)
     _check_config(folder, cfg)
     raw = _read_tensors(folder)
 
