@@ -143,23 +143,23 @@ def score(loaded, examples, systems, refs: dict[str, list[str]], args) -> dict:
     return out
 
 
-def base_score(loaded, examples, refs: dict[str, list[str]], args) -> dict:
+def base_score(loaded, examples, refs: dict[str, list[str]], args) -> tuple[dict, bool]:
     """The base model's scores, kept in ``--work`` so that continuing a stopped study does not
-    generate them again (they depend only on the held-out MRs and the generation settings)."""
+    generate them again (they depend only on the held-out MRs and the generation settings); and
+    whether they were kept, i.e. the evaluation settings are those of before (then the cells' and
+    full fine-tuning's kept scores hold too)."""
     from core import evaluate
 
     key = {"model": args.model, "precision": args.precision, "seed": args.seed, "test_mrs": args.test_mrs,
            "max_new_tokens": args.max_new_tokens, "eval_batch": args.eval_batch}
     path = args.work / "base-scores.json"
-    args.same_eval = False  # a sweep cell's stored scores are reused only under the same settings
     if path.is_file():
         kept = json.loads(path.read_text(encoding="utf-8"))
         if kept.get("key") == key:
-            args.same_eval = True
-            return kept["scores"]
+            return kept["scores"], True
     scores = score(loaded, examples, [evaluate.System("base")], refs, args)["base"]
     path.write_text(json.dumps({"key": key, "scores": scores}), encoding="utf-8")
-    return scores
+    return scores, False
 
 
 def run_sweep(cfg, folder: Path, loaded, **grid) -> list:
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     summary = {"machine": machine(), "command": " ".join(["benchmarks/e2e_study.py"] + (argv or sys.argv[1:])),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "train_rows": len(train), "held_out_mrs": len(held), "budget": budget}
-    summary["base"] = base_score(loaded, examples, held, args)
+    summary["base"], args.same_eval = base_score(loaded, examples, held, args)
     grid_dir = args.work / "table6"
     cells = run_sweep(cfg, grid_dir, loaded, ranks=ranks, target_sets=sets)
     summary["table6"] = {"scores": evaluate_cells(grid_dir, cells, loaded, examples, held, args),

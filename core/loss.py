@@ -188,13 +188,18 @@ PACKED_ATTENTION = ("auto", "positions", "block")
 """How a packed batch's examples are kept apart (see :func:`model_inputs`)."""
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model itself, also under DistributedDataParallel (whose config and class are the inner one's)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def _masks_packed_sequences(model: nn.Module) -> bool:
     """Whether ``model`` builds its attention mask with transformers' masking_utils (its modeling
     module calls ``create_causal_mask``) for an attention it knows: given position ids and no 2-D
     mask, that finds packed sequences where a position does not follow the one before
     (``find_packed_sequence_indices``) and keeps attention inside each; flash attention takes
     the same position ids as variable-length sequences."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = _unwrapped(model)
     modeling = sys.modules.get(type(inner).__module__)
     if not any(hasattr(modeling, f) for f in ("create_causal_mask", "create_sliding_window_causal_mask")):
         return False
@@ -240,7 +245,7 @@ def model_inputs(model: nn.Module, batch: dict, packed_attention: str = "auto") 
     if packed_attention == "positions":
         kw["attention_mask"] = None
     else:
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        inner = _unwrapped(model)
         eager = getattr(getattr(inner, "config", None), "_attn_implementation", None) == "eager"
         dtype = getattr(inner, "dtype", torch.float32) if eager else None
         kw["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
