@@ -160,12 +160,25 @@ def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float]
 
 
 def load_into_session(ticket, spec: str, device: str, precision: str, trust: bool, quantize: str = "none", *,
-                      progress=lambda item: None):
-    """Load ``spec`` and hand it to the session of ``ticket`` (a "load" ticket the caller holds);
-    progress as ``(message, fraction)``. Returns the LoadedModel."""
-    from core import models
+                      progress=lambda item: None, cancelled=lambda: False):
+    """Load ``spec`` and hand it to the session of ``ticket`` (a "load" ticket the caller takes
+    before anything is read, so no other job uses the model meanwhile); progress as ``(message,
+    fraction)``; a cancel ends it at the next progress report. Returns the LoadedModel.
 
+    The model the session holds is let go first: a reload then never holds two copies at once (the
+    old weights are freed before the new ones are read), at the price of no model when the load
+    fails or is cancelled, which the window shows."""
+    from core import models
+    from core.errors import Cancelled
+
+    def report(message: str, fraction: float) -> None:
+        if cancelled():
+            raise Cancelled()
+        progress((message, fraction))
+
+    if ticket.session.loaded is not None:
+        ticket.session.set_loaded(None, ticket=ticket)
     loaded = models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
-                               quantize=quantize or "none", progress=lambda m, f: progress((m, f)))
+                               quantize=quantize or "none", progress=report)
     ticket.session.set_loaded(loaded, ticket=ticket)
     return loaded

@@ -48,6 +48,9 @@ def test_a_run_trains_the_windows_model_and_other_jobs_are_refused_naming_it(win
     library = window.page("library")
     library.load_model()  # a load is refused too (it would replace the model under the run)
     assert errors[-1] == refusal and state.loaded is loaded
+    errors.clear()
+    window.page("model").load_model()  # the Model page's Load (or Reload) as well, before reading anything
+    assert errors == [refusal] and window.page("model").load_panel.worker is None
     train.stop()
     qtbot.waitUntil(lambda: train.worker is None and not state.session.holders(), timeout=LONG)
     assert state.loaded is loaded and state.session.view.adapters == ()  # the run's adapter taken off again
@@ -72,6 +75,30 @@ def test_start_is_refused_while_a_generation_holds_the_model(window, qtbot):  # 
         assert window.page("train").worker is None
     finally:
         ticket.release()
+
+
+def test_the_model_pages_reload_holds_the_model_and_lets_the_old_one_go_first(window, qtbot):  # noqa: F811
+    import gc
+    import weakref
+
+    from core import models
+
+    state = window.state
+    state.config.model.device = "cpu"
+    state.set_loaded(models.load_model(state.config.model.source, device="cpu"))
+    old = weakref.ref(state.loaded.model)
+    page = window.page("model")
+    page.load_model()
+    panel = page.load_panel
+    assert panel.worker is not None
+    assert [t.job for t in state.session.holders()] == ["load"]  # taken on the click, before any reading
+    assert state.session.busy_message("generate") == ("The model is busy: loading the model is running; wait for "
+                                                      "it to end or stop it")
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=LONG)
+    assert state.loaded is not None and not state.session.holders()
+    assert panel.load_button.text() == "Reload model"
+    gc.collect()
+    assert old() is None  # nothing kept the replaced weights: a reload never holds two copies after it
 
 
 CLOSE_SCRIPT = textwrap.dedent("""

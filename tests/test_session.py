@@ -177,6 +177,25 @@ def test_the_view_follows_exclusive_jobs_and_no_model_is_refused(checkpoint, fol
     assert session.loaded is None and session.view is None and seen
 
 
+def test_a_reload_lets_the_old_model_go_before_reading_the_new_one(checkpoint, monkeypatch):
+    from core.errors import Cancelled
+
+    session = ModelSession(models.load_model(str(checkpoint), device="cpu"))
+    real, seen = models.load_model, []
+
+    def load(*args, **kwargs):
+        seen.append(session.loaded)  # what the session holds while the new weights are read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load)
+    with session.acquire("load") as ticket:
+        new = library_jobs.load_into_session(ticket, str(checkpoint), "cpu", "auto", False)
+    assert seen == [None] and session.loaded is new and session.view.device == "cpu"
+    with session.acquire("load") as ticket, pytest.raises(Cancelled):  # a cancel ends it at its first report
+        library_jobs.load_into_session(ticket, str(checkpoint), "cpu", "auto", False, cancelled=lambda: True)
+    assert session.loaded is None and not session.holders()
+
+
 def test_core_session_imports_no_qt():
     import subprocess
 

@@ -1,5 +1,6 @@
 """The Model page's Load row: Load model / Cancel, a progress bar, and a line saying what is going on,
-for the page's own load (``core.models.load_model`` in a worker) and, from the first frame, for the
+for the page's own load (``core.library_jobs.load_into_session`` in a worker, under a "load" ticket
+taken on the click, so no job uses the model while it is replaced) and, from the first frame, for the
 state's model jobs (reading the chosen model: a busy bar; converting a GGUF once: a measured one).
 """
 
@@ -10,29 +11,17 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QV
 from studio import workers
 
 
-def _load(spec, device, precision, trust, quantize, *, progress, cancelled):
-    from core import models
-    from core.errors import Cancelled
-
-    def report(message, fraction):
-        if cancelled():
-            raise Cancelled()
-        progress((message, fraction))
-
-    return models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
-                             quantize=quantize, progress=report)
-
-
 class LoadPanel(QWidget):
-    """Loads the chosen model with the current settings; the result goes to ``state.set_loaded``."""
+    """Loads the chosen model with the current settings into the state's session."""
 
     def __init__(self, state, parent=None):
         super().__init__(parent)
         self.state = state
         self.worker = None
         self.load_button = QPushButton("Load model")
-        self.load_button.setToolTip("Load the weights now (the Playground and Library use the loaded "
-                                    "model; training loads its own copy)")
+        self.load_button.setToolTip("Load the weights now: the Playground, the Library, Evaluate and "
+                                    "training all use the loaded model (a run whose settings differ "
+                                    "replaces it)")
         self.load_button.clicked.connect(self.load)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
@@ -55,10 +44,16 @@ class LoadPanel(QWidget):
         state.loaded_changed.connect(self._on_loaded)
 
     def load(self) -> None:
+        from core.library_jobs import load_into_session
+
         if self.worker is not None:
             return
+        ticket = self.state.claim("load", need_model=False)  # before reading: refused, naming the job, when one holds the model
+        if ticket is None:
+            return
         m = self.state.config.model
-        w = workers.FunctionWorker(_load, m.source, m.device, m.precision, m.trust_remote_code, m.quantize)
+        w = workers.FunctionWorker(load_into_session, ticket, m.source, m.device, m.precision, m.trust_remote_code,
+                                   m.quantize)
         self.worker = w
         self.load_button.setEnabled(False)
         self.cancel_button.show()
@@ -71,7 +66,7 @@ class LoadPanel(QWidget):
         w.failed.connect(self._on_failed)
         w.cancelled.connect(lambda: self.label.setText("Loading cancelled"))
         w.done.connect(self._done)
-        workers.start(w, owner=self)
+        workers.start(w, owner=self, ticket=ticket)
 
     def cancel(self) -> None:
         if self.worker is not None:
@@ -84,7 +79,7 @@ class LoadPanel(QWidget):
         self.label.setText(f"{message[:1].upper()}{message[1:]}…")  # the bar keeps to its %
 
     def _on_finished(self, loaded) -> None:
-        self.state.set_loaded(loaded)
+        self.state.set_loaded(loaded)  # the job gave it to the session; this announces it now
         held = "" if loaded.quantize == "none" else f", linear layers in {loaded.quantize}"
         self.label.setText(f"Loaded on {loaded.device} in {str(loaded.dtype).replace('torch.', '')}{held}")
 
