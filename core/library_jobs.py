@@ -182,3 +182,36 @@ def load_into_session(ticket, spec: str, device: str, precision: str, trust: boo
                                quantize=quantize or "none", progress=report)
     ticket.session.set_loaded(loaded, ticket=ticket)
     return loaded
+
+
+def evaluate_on_session(ticket, model_cfg, source: int, path: str, adapters: list[tuple[str, str]], base: bool,
+                        names: list[str], max_new_tokens: int, limit: int | None, batch_size: int, *,
+                        progress=lambda item: None, cancelled=lambda: False):
+    """The window's evaluation under ``ticket`` (an "evaluate" one): the examples (``source`` 0: a
+    file with references, 1: a run folder's validation split), the session's model (reused when it
+    is the one ``model_cfg`` asks for, else loaded into the session: core.session.model_for_run),
+    every system's answers and scores; the scores are kept with library adapters. ``adapters``:
+    (folder, name) pairs; progress as ``(message, done, total)``. Returns the EvalResult."""
+    from core import evaluate
+    from core.eval_results import store_in_library
+    from core.session import model_for_run
+
+    progress(("reading the examples", 0, 1))
+    examples = (evaluate.run_examples(path, limit=limit) if source == 1
+                else evaluate.read_examples(path, limit=limit))
+    systems = evaluate.systems_for([a for a, _ in adapters], base=base, names=[n for _, n in adapters])
+    done: dict[str, int] = {}
+
+    def on_progress(system, n, total):
+        done[system] = n
+        progress((f"answering with {system}: {n} of {total}", sum(done.values()), total * len(systems)))
+
+    def status(_kind, message, fraction):
+        progress((message, int(1000 * (fraction or 0)), 1000))
+
+    with model_for_run(ticket, model_cfg, status, merged_means="the base model's answers would be the "
+                       "merged adapter's") as loaded:
+        result = evaluate.evaluate(loaded, examples, systems, metric_names=names, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=on_progress, cancel=cancelled)
+    store_in_library(result, str(path))
+    return result

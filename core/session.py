@@ -294,13 +294,15 @@ def fits_run(loaded, model_cfg) -> bool:
 
 
 @contextmanager
-def model_for_run(ticket: Ticket, model_cfg, status: Callable[[str, str, float | None], None]) -> Iterator[Any]:
-    """The session's model, ready for a run of ``model_cfg`` under ``ticket`` (an exclusive one).
+def model_for_run(ticket: Ticket, model_cfg, status: Callable[[str, str, float | None], None], *,
+                  merged_means: str = "a run would train on top of it") -> Iterator[Any]:
+    """The session's model, ready for a run of ``model_cfg`` under ``ticket`` (an exclusive one):
+    training, or an evaluation, which answers with the base model and adapters of its own.
 
     The model the session holds is reused when it fits the run (one copy in memory, as on the
     command line); otherwise it is let go first and the run's model loaded into the session, where
     it stays after the run. Adapters active on it are switched off for the run and back on after;
-    one merged into the weights refuses the run (it would train on top of it).
+    one merged into the weights refuses the run (``merged_means``: what it would do to the job).
     ``status(kind, message, fraction)`` reports the loading."""
     from core import lora, models
 
@@ -315,8 +317,8 @@ def model_for_run(ticket: Ticket, model_cfg, status: Callable[[str, str, float |
         ticket.session.set_loaded(loaded, ticket=ticket)
     merged = lora.merged_adapters(loaded.model)
     if merged:
-        raise StudioError(f"{', '.join(merged)} is merged into the loaded model's weights, so a run would train "
-                          "on top of it", hint="unmerge it first (Library → Unmerge)")
+        raise StudioError(f"{', '.join(merged)} is merged into the loaded model's weights, so {merged_means}",
+                          hint="unmerge it first (Library → Unmerge)")
     saved = lora.active_adapters(loaded.model)
     lora.set_active_adapters(loaded.model, [])
     try:

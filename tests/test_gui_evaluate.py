@@ -88,3 +88,34 @@ def test_the_library_shows_the_stored_evaluation(page, qtbot):
     lib._show_entry(Library().get(entry.id))
     text = lib.facts.text()
     assert "Evaluation" in text and "bleu" in text and "(base " in text and "6 examples of held.jsonl" in text
+
+
+def test_it_answers_on_the_windows_model_and_waits_for_the_job_that_holds_it(page, qtbot):
+    from core import adapter as adapter_io
+
+    p, entry = page
+    state = p.state
+    errors: list[str] = []
+    state.error.connect(errors.append)
+    p.start_button.click()  # no model loaded yet: it loads the Model page's choice into the window
+    qtbot.waitUntil(lambda: p.worker is None, timeout=120_000)
+    first = state.loaded
+    assert p.result is not None and first is not None and not state.session.holders()
+    assert state.session.history == ["evaluate"]
+    p.start_button.click()  # the second answers on the same model: no second copy
+    qtbot.waitUntil(lambda: p.worker is None, timeout=120_000)
+    assert state.loaded is first and state.session.view.adapters == ()  # its adapters taken off again
+
+    ticket = state.session.acquire("train", "training run-1")
+    try:
+        p.start_button.click()
+        assert p.worker is None and errors[-1] == ("The model is busy: training run-1 is running; wait for it to "
+                                                   "end or stop it")
+    finally:
+        ticket.release()
+    with state.session.job("merge") as loaded:  # a merged adapter would make "base" answer as the adapter
+        adapter_io.load_adapter(loaded.model, entry.path, "m")
+        lora.merge_adapter(loaded.model, "m")
+    p.start_button.click()
+    qtbot.waitUntil(lambda: p.worker is None, timeout=120_000)
+    assert "m is merged into the loaded model's weights, so the base model's answers would be the merged" in errors[-1]

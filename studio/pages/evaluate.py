@@ -2,8 +2,9 @@
 library on held-out examples, scored with task metrics (core.evaluate, core.metrics).
 
 A thin view: the form gathers the choices, one :class:`studio.workers.FunctionWorker` runs
-:func:`_evaluate` (reading the examples, loading the model, answering, scoring, storing the scores
-with each library adapter), and the page shows the two tables core.eval_results gives: systems ×
+core.library_jobs.evaluate_on_session under an "evaluate" ticket taken on the click (reading the
+examples, answering on the window's model, or loading it into the window when none fits the Model
+page's settings, scoring, storing the scores with each library adapter), and the page shows the two tables core.eval_results gives: systems ×
 metrics with 95 % bootstrap intervals, and the examples with every system's answer, sortable by the
 per-example score or by how much the adapter gains over the base.
 """
@@ -25,29 +26,6 @@ from studio.pages import Page, setting
 
 SOURCES = ("A file with reference answers", "A run's validation split")
 BETTER, WORSE = QColor(200, 235, 200), QColor(245, 205, 205)
-
-
-def _evaluate(spec, source, path, adapters, base, names, max_new_tokens, limit, batch_size, *, progress, cancelled):
-    """The worker's job: examples, model, answers, scores; the scores are kept with library adapters."""
-    from core import evaluate, models
-    from core.eval_results import store_in_library
-
-    progress(("reading the examples", 0, 1))
-    examples = (evaluate.run_examples(path, limit=limit) if source == 1
-                else evaluate.read_examples(path, limit=limit))
-    systems = evaluate.systems_for([a for a, _ in adapters], base=base, names=[n for _, n in adapters])
-    progress((f"loading {spec}", 0, 1))
-    loaded = models.load_model(spec)
-    done = {}
-
-    def on_progress(system, n, total):
-        done[system] = n
-        progress((f"answering with {system}: {n} of {total}", sum(done.values()), total * len(systems)))
-
-    result = evaluate.evaluate(loaded, examples, systems, metric_names=names, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=on_progress, cancel=cancelled)
-    store_in_library(result, str(path))
-    return result
 
 
 def _number(value: float | None, metric: str) -> str:
@@ -255,12 +233,19 @@ class EvaluatePage(Page):
 
     # -- the job -----------------------------------------------------------------------------------
     def start(self) -> None:
+        import copy
+
+        from core.library_jobs import evaluate_on_session
+
         if self.worker is not None:
             return
+        ticket = self.state.claim("evaluate", need_model=False)  # refused, naming the holder, while a job has the model
+        if ticket is None:
+            return
         w = workers.FunctionWorker(
-            _evaluate, self.state.config.model.source, self.source.currentIndex(), self.path.text().strip(),
-            self.chosen_adapters(), self.base_box.isChecked(), self.chosen_metrics(), self.max_new.value(),
-            self.limit.value() or None, self.batch.value())
+            evaluate_on_session, ticket, copy.deepcopy(self.state.config.model), self.source.currentIndex(),
+            self.path.text().strip(), self.chosen_adapters(), self.base_box.isChecked(), self.chosen_metrics(),
+            self.max_new.value(), self.limit.value() or None, self.batch.value())
         w.progress.connect(self._on_progress)
         w.finished.connect(self._on_finished)
         w.failed.connect(self._on_failed)
@@ -269,7 +254,7 @@ class EvaluatePage(Page):
         self.worker = w
         self.progress.setRange(0, 0)
         self.status.setText("Starting…")
-        workers.start(w, owner=self)
+        workers.start(w, owner=self, ticket=ticket)
         self._update_buttons()
 
     def cancel(self) -> None:
