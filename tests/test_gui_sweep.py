@@ -79,3 +79,26 @@ def test_stop_then_start_continues(qtbot, tmp_path, checkpoint):
 
     steps = [r["step"] for r in read_metrics(tmp_path / "sweep" / d.cells[0].run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 31))  # the stopped cell went on from its checkpoint
+
+
+def test_the_sweep_trains_the_windows_model_and_waits_for_the_job_that_holds_it(qtbot, tmp_path, checkpoint):
+    from core import models
+
+    d = _dialog(qtbot, tmp_path, checkpoint, steps=1)
+    d.ranks.setText("1")
+    state = d.state
+    state.set_loaded(models.load_model(str(checkpoint), device="cpu"))
+    loaded = state.loaded
+    ticket = state.session.acquire("generate", "a Playground generation")
+    try:
+        d.start_button.click()
+        assert d.worker is None and d.status.text() == ("The model is busy: a Playground generation is running; "
+                                                        "wait for it to end or stop it")
+    finally:
+        ticket.release()
+    d.start_button.click()
+    assert [t.label for t in state.session.holders()] == ["the sweep"]  # taken on the click
+    qtbot.waitUntil(lambda: d.worker is None, timeout=240_000)
+    assert [c.status for c in d.cells] == ["finished"] * 2, d.status.text()
+    assert state.loaded is loaded and state.session.view.adapters == ()  # the same model; the cells' adapters off again
+    assert not state.session.holders()

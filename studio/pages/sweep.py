@@ -4,7 +4,8 @@ cells, and the ΔW analysis across the sweep's adapters.
 
 A thin view over :mod:`core.sweep` and :mod:`core.sweep_report`: the grid is planned on the model's
 ``meta`` copy in a worker (exact trainable parameter counts without loading weights), and the sweep
-runs in another as ordinary, resumable runs under the sweep folder; Stop keeps a checkpoint and Start
+runs in another as ordinary, resumable runs under the sweep folder, on the window's model under a
+"train" ticket (refused, naming the holder, while another job has the model); Stop keeps a checkpoint and Start
 with the same folder continues.
 """
 
@@ -45,17 +46,24 @@ def _plan(cfg, ranks, target_sets, budget, lrs, out, *, progress):
     return cells, seconds, where
 
 
-def _run(cfg, out, ranks, target_sets, budget, lrs, *, progress, cancelled):
+def _run(ticket, cfg, out, ranks, target_sets, budget, lrs, *, progress, cancelled):
+    """The sweep on the window's model under ``ticket`` (a "train" one): the loaded model when it is
+    the one the settings ask for, else loaded into the window (core.session.model_for_run)."""
     from core import sweep
+    from core.session import model_for_run
 
     def callback(kind, cell, event):
         if cancelled():
             job.request_stop()
         progress((kind, cell, event, [c for c in job.cells]))
 
-    job = sweep.Sweep(cfg, out, ranks=ranks, target_sets=target_sets, budget=budget, lrs=lrs, library=True,
-                      callback=callback)
-    return job.run()
+    def status(_kind, message, _fraction):
+        progress(message)
+
+    with model_for_run(ticket, cfg.model, status, merged_means="every cell would train on top of it") as loaded:
+        job = sweep.Sweep(cfg, out, ranks=ranks, target_sets=target_sets, budget=budget, lrs=lrs, library=True,
+                          loaded=loaded, callback=callback)
+        return job.run()
 
 
 def _analyse(out, cells, *, progress):
@@ -214,14 +222,8 @@ class SweepDialog(QDialog):
         self.stop_button.setEnabled(running and self.worker.kind == "run")
         self.analyse_button.setEnabled(not running and any(c.status == "finished" for c in self.cells))
 
-    def _job(self, kind: str, fn, *args, on_finished) -> None:
-        from core.errors import StudioError
-
-        try:
-            w = workers.FunctionWorker(fn, *args)
-        except StudioError as e:
-            self.status.setText(str(e))
-            return
+    def _job(self, kind: str, fn, *args, on_finished, ticket=None) -> None:
+        w = workers.FunctionWorker(fn, *args)
         w.kind = kind
         w.progress.connect(self._on_progress)
         w.finished.connect(on_finished)
@@ -231,7 +233,7 @@ class SweepDialog(QDialog):
             else "Stopped."))
         w.done.connect(self._on_done)
         self.worker = w
-        workers.start(w, owner=self)
+        workers.start(w, owner=self, ticket=ticket)
         self._update_buttons()
 
     # -- plan, run, analyse ------------------------------------------------------------------------
@@ -271,9 +273,13 @@ class SweepDialog(QDialog):
         except StudioError as e:
             self.status.setText(str(e))
             return
+        ticket = self.state.claim("train", "the sweep", need_model=False)  # the window's model: one copy
+        if ticket is None:  # a job holds the model: the window's bar says which
+            self.status.setText(self.state.session.busy_message("train") or "The model is busy.")
+            return
         self.progress.setRange(0, 0)
-        self._job("run", _run, self.state.config.copy(), self.folder_path(), ranks, sets, budget, lrs,
-                  on_finished=self._on_finished)
+        self._job("run", _run, ticket, self.state.config.copy(), self.folder_path(), ranks, sets, budget, lrs,
+                  on_finished=self._on_finished, ticket=ticket)
 
     def stop(self) -> None:
         if self.worker is not None:
