@@ -37,6 +37,7 @@ Tolerances, relative to the largest reference logit (``max|Δlogit| / max|logit|
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -83,6 +84,14 @@ def modes() -> tuple[str, ...]:
 def _say(progress: Progress | None, message: str, fraction: float) -> None:
     if progress is not None:
         progress(message, min(1.0, max(0.0, fraction)))
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], stage: str):
+    """Record in ``times[stage]`` the seconds the block took (nothing when it raises)."""
+    t = time.perf_counter()
+    yield
+    times[stage] = time.perf_counter() - t
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -248,6 +257,212 @@ def _trained_quantization(files, quantize: str | None) -> str:
     return quant.check_method(found.pop() if found else "none")
 
 
+# -- the export's stages, in the order export_merged runs them ----------------------------------------
+
+def _checked_request(out, adapters, weights, combine, rank, dtype):
+    """The request checked before anything is read or loaded: ``(out, folders, weights, mode,
+    out_dtype)``, with ``out_dtype`` None for the checkpoint's own."""
+    out = Path(out).expanduser()
+    if out.exists():
+        raise StudioError(f"--out {out}: already exists; choose a new folder")
+    folders = [Path(a).expanduser() for a in adapters]
+    if not folders:
+        raise StudioError("--adapter: give at least one adapter to merge")
+    if weights is None or len(weights) == 0:
+        weights = [1.0] * len(folders)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(folders):
+        raise StudioError(f"--weights: {len(weights)} weight(s) for {len(folders)} adapter(s); give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise StudioError("--weights: every weight must be a finite number")
+    mode = (combine or "exact").lower()
+    if mode not in modes():
+        raise StudioError(f"--combine: '{combine}' is not one of {', '.join(modes())}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise StudioError(f"--rank: must be a whole number of at least 1 (got {rank!r})")
+    out_dtype = parse_dtype(dtype)
+    if not any(weights):
+        raise StudioError("--weights: every weight is 0; the export would be the base model")
+    return out, folders, weights, mode, out_dtype
+
+
+def _read_adapters(folders: Sequence[Path], progress: Progress | None) -> list:
+    """Each folder read as an adapter (core.adapter.AdapterFiles); a missing folder is refused by name."""
+    from core import adapter as adapter_io
+
+    _say(progress, "reading the adapters", 0.0)
+    files = []
+    for f in folders:
+        if not f.is_dir():
+            raise StudioError(f"--adapter {f}: no such folder")
+        files.append(adapter_io.read_adapter(f))
+    return files
+
+
+def _load_base(spec: str, device: str, method: str, progress: Progress | None):
+    """``(model, tokenizer, checkpoint folder)``: a fresh fp32 copy of the base on ``device``; for
+    adapters trained on a quantised base (``method`` nf4/int8), that base as they learned against it."""
+    from core import models
+
+    loaded = models.load_model(spec, device=device, precision="fp32")
+    model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
+    del loaded  # only ``model`` may hold the weights: it is dropped before the export is loaded back
+    if method != "none":  # the base the QLoRA adapter learned against: W quantised, then de-quantised
+        from core import quant
+
+        _say(progress, f"de-quantising the {method} base the adapters were trained on", 0.1)
+        quant.check_layout(model, method, device)
+        quant.quantize_model(model, method, torch.float32)
+        quant.dequantize_model(model, torch.float32)
+    return model, tokenizer, source
+
+
+def _fit_adapters(model, tokenizer, folders: Sequence[Path], files: list, spec: str, warnings: list[str]):
+    """``(files, tokenizer)``: every adapter checked against ``model`` (the first problem refuses the
+    export; warnings are collected), its modules named as in this model, and the tokenizer to write.
+    An adapter that changes a tied weight is refused: a merged model cannot hold that change."""
+    from core.library import check_adapter
+
+    for f in folders:
+        problems, warns = check_adapter(f, model)
+        if problems:
+            raise StudioError(f"--adapter {f}: does not fit {spec}: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        warnings += warns
+    # module names as in this model (an adapter made over the bare transformer fits the causal LM)
+    files = [align_to(f, model) for f in files]
+    tokenizer = _tokenizer_as_trained(tokenizer, files, warnings)
+    tied = _tied_targets(model, sorted({m for a in files for m in a.tensors}))
+    if tied:
+        raise StudioError(f"--adapter: the adapter changes '{tied[0]}', whose weight this model shares with "
+                          "another layer (tied embeddings); a merged model cannot hold that change",
+                          hint="use the adapter unmerged")
+    return files, tokenizer
+
+
+@dataclass
+class _Reference:
+    """What the reference stage leaves for the merge and the checks. Logits are None without ``verify``."""
+
+    inputs: list[torch.Tensor]  # the prompts' token ids, (1, T ≤ 64) each
+    base: list[torch.Tensor] | None  # no adapter active
+    logits: list[torch.Tensor] | None  # the adapter(s) to merge, active and unmerged: what the export must compute
+    exact: list[torch.Tensor] | None  # the exact weighted sum unmerged (``logits`` itself in mode exact)
+    merge_names: list[str]  # the adapters in the model to fold in
+    combine_report: dict | None  # core.combine's report, for a mode other than exact
+
+
+def _prompt_ids(tokenizer) -> list[torch.Tensor]:
+    """PROMPTS as token ids, (1, T) each, cut at 64 tokens; an empty one is left out."""
+    inputs = [torch.tensor([tokenizer(p, add_special_tokens=True)["input_ids"]], dtype=torch.long)
+              for p in PROMPTS]
+    return [ids[:, : min(ids.shape[1], 64)] for ids in inputs if ids.shape[1] > 0]
+
+
+def _reference(model, inputs: list[torch.Tensor], files: list, weights: list[float], mode: str,
+               rank: int | None, verify: bool, warnings: list[str]) -> _Reference:
+    """Inject the adapters (each at its weight) and compute the logits the merge is held to: the
+    adapters unmerged in mode exact, else the one adapter core.combine builds from them (which then
+    replaces them in the model), with the exact sum's logits kept to report the gap."""
+    base_logits = _logits(model, inputs) if verify else None
+    parts = [_Part(a, w, f"export{i}") for i, (a, w) in enumerate(zip(files, weights)) if w != 0.0]
+    for p in parts:
+        _inject(model, p)
+    combine_report: dict | None = None
+    if mode == "exact":
+        merge_names = [p.name for p in parts]
+        lora.set_active_adapters(model, merge_names)
+        ref = _logits(model, inputs) if verify else None
+        exact_ref = ref
+    else:
+        from core import combine as combine_mod
+
+        exact_ref = None
+        if verify:
+            lora.set_active_adapters(model, [p.name for p in parts])
+            exact_ref = _logits(model, inputs)
+        combined, combine_report = combine_mod.combine(files, weights, mode=mode, rank=rank)
+        warnings += combine_report.get("warnings", [])
+        for p in parts:
+            lora.remove_adapter(model, p.name)
+        _inject(model, _Part(combined, 1.0, "combined"))
+        merge_names = ["combined"]
+        lora.set_active_adapters(model, merge_names)
+        ref = _logits(model, inputs) if verify else None
+    return _Reference(inputs, base_logits, ref, exact_ref, merge_names, combine_report)
+
+
+def _merge(model, names: Sequence[str]):
+    """Fold the adapters ``names`` into their layers, then take the LoRA layers out: a plain model."""
+    for n in names:
+        lora.merge_adapter(model, n)
+    return lora.unload(model, merge=True)
+
+
+def _check_merged(model, ref: _Reference, out_dtype: torch.dtype, out: Path, warnings: list[str],
+                  progress: Progress | None):
+    """``(merged logits, checks)``: the merged in-memory model against the reference (beyond
+    tolerance the export is refused), the adapters' own effect on the logits (a warning when the
+    output dtype cannot resolve it), and, for a combined adapter, its gap to the exact sum."""
+    from core import models
+
+    _say(progress, "checking the merged weights", 0.5)
+    merged = _logits(model, ref.inputs)
+    checks: dict[str, Any] = {"merge": _compare(merged, ref.logits)}
+    checks["merge"]["tolerance"] = TOLERANCE["merge"]
+    checks["adapter_effect"] = _compare(ref.logits, ref.base)["relative"]
+    if ref.exact is not None and ref.exact is not ref.logits:
+        checks["combination_gap"] = _compare(ref.logits, ref.exact)["relative"]
+    if checks["merge"]["relative"] > TOLERANCE["merge"]:
+        raise _fail("the merged weights against base + adapter unmerged", checks["merge"], TOLERANCE["merge"], out)
+    if checks["adapter_effect"] < TOLERANCE.get(out_dtype, 1e-4):
+        warnings.append(f"the adapter changes the logits by only {checks['adapter_effect']:.2g} (relative), "
+                        f"below what a {models.precision_name(out_dtype)} export can resolve")
+    return merged, checks
+
+
+def _unsaved_buffers(model) -> dict[str, torch.Tensor]:
+    """Copies of the buffers ``save_pretrained`` leaves out (RoPE's inv_freq): whoever loads the export
+    rebuilds them in fp32, so they are put back after the cast for the in-memory model to compute what
+    a loader does."""
+    saved_keys = set(model.state_dict())
+    return {n: b.detach().clone() for n, b in model.named_buffers() if n not in saved_keys}
+
+
+def _as_written(model, transient: dict[str, torch.Tensor], inputs: list[torch.Tensor],
+                merged: list[torch.Tensor], out_dtype: torch.dtype):
+    """``(logits, device)``: the logits the written files must give (the merged model's own in fp32,
+    else its weights as rounded to ``out_dtype``, computed in fp32 with the unsaved buffers back), and
+    the device the model is on."""
+    expected = merged
+    if out_dtype != torch.float32:
+        model.to(torch.float32)  # the rounded weights, exactly representable in fp32
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in transient:
+                    b.copy_(transient[n])
+        expected = _logits(model, inputs)
+    return expected, next(model.parameters()).device
+
+
+def _check_file(folder: Path, device, ref: _Reference, expected: list[torch.Tensor], out_dtype: torch.dtype,
+                out: Path) -> dict:
+    """The staged ``folder`` loaded back with transformers alone on ``device`` (the merged model's,
+    so like is compared with like): its logits against ``expected`` (the files hold exactly the merged
+    weights) and against the reference (the whole export). Either beyond tolerance refuses the export."""
+    plain = _load_plain(folder).to(device)
+    got = _logits(plain, ref.inputs)
+    del plain
+    checks = {"file": _compare(got, expected), "export": _compare(got, ref.logits)}
+    checks["file"]["tolerance"] = TOLERANCE["file"]
+    checks["export"]["tolerance"] = TOLERANCE[out_dtype]
+    if checks["file"]["relative"] > checks["file"]["tolerance"]:
+        raise _fail("the written files against the merged weights", checks["file"], checks["file"]["tolerance"], out)
+    if checks["export"]["relative"] > TOLERANCE[out_dtype]:
+        raise _fail("the exported model against base + adapter unmerged", checks["export"], TOLERANCE[out_dtype], out)
+    return checks
+
+
 def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
                   *, combine: str = "exact", rank: int | None = None, out: str | os.PathLike,
                   dtype: str | torch.dtype | None = None, progress: Progress | None = None, verify: bool = True,
@@ -275,172 +490,50 @@ def export_merged(spec_or_loaded, adapters: Sequence[str | os.PathLike], weights
     Returns a report: out, files (name → bytes), size_bytes, dtype, adapters, weights, combine, rank,
     warnings, verify (figures of each comparison and tolerances), seconds (per stage and total).
     """
-    from core import adapter as adapter_io
     from core import models
-    from core.library import check_adapter
 
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-    out = Path(out).expanduser()
-    if out.exists():
-        raise StudioError(f"--out {out}: already exists; choose a new folder")
-    folders = [Path(a).expanduser() for a in adapters]
-    if not folders:
-        raise StudioError("--adapter: give at least one adapter to merge")
-    if weights is None or len(weights) == 0:
-        weights = [1.0] * len(folders)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(folders):
-        raise StudioError(f"--weights: {len(weights)} weight(s) for {len(folders)} adapter(s); give one per adapter")
-    if not all(math.isfinite(w) for w in weights):
-        raise StudioError("--weights: every weight must be a finite number")
-    mode = (combine or "exact").lower()
-    if mode not in modes():
-        raise StudioError(f"--combine: '{combine}' is not one of {', '.join(modes())}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise StudioError(f"--rank: must be a whole number of at least 1 (got {rank!r})")
-    out_dtype = parse_dtype(dtype)
-    if not any(weights):
-        raise StudioError("--weights: every weight is 0; the export would be the base model")
-
-    _say(progress, "reading the adapters", 0.0)
-    files = []
-    for f in folders:
-        if not f.is_dir():
-            raise StudioError(f"--adapter {f}: no such folder")
-        files.append(adapter_io.read_adapter(f))
-
+    out, folders, weights, mode, out_dtype = _checked_request(out, adapters, weights, combine, rank, dtype)
+    files = _read_adapters(folders, progress)
     method = _trained_quantization(files, quantize)
     spec = getattr(spec_or_loaded, "spec", None) or str(spec_or_loaded)
     _say(progress, "loading the base model in fp32", 0.05)
-    t = time.perf_counter()
-    loaded = models.load_model(spec, device=device, precision="fp32")
-    model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
-    del loaded  # only ``model`` may hold the weights: it is dropped before the export is loaded back
-    if method != "none":  # the base the QLoRA adapter learned against: W quantised, then de-quantised
-        from core import quant
-
-        _say(progress, f"de-quantising the {method} base the adapters were trained on", 0.1)
-        quant.check_layout(model, method, device)
-        quant.quantize_model(model, method, torch.float32)
-        quant.dequantize_model(model, torch.float32)
-    if out_dtype is None:
-        out_dtype = checkpoint_dtype(source)
-    times["load"] = time.perf_counter() - t
+    with _timed(times, "load"):
+        model, tokenizer, source = _load_base(spec, device, method, progress)
+        if out_dtype is None:
+            out_dtype = checkpoint_dtype(source)
 
     warnings: list[str] = []
-    for f in folders:
-        problems, warns = check_adapter(f, model)
-        if problems:
-            raise StudioError(f"--adapter {f}: does not fit {spec}: {problems[0]}"
-                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        warnings += warns
-    # module names as in this model (an adapter made over the bare transformer fits the causal LM)
-    files = [align_to(f, model) for f in files]
-    tokenizer = _tokenizer_as_trained(tokenizer, files, warnings)
-    tied = _tied_targets(model, sorted({m for a in files for m in a.tensors}))
-    if tied:
-        raise StudioError(f"--adapter: the adapter changes '{tied[0]}', whose weight this model shares with "
-                          "another layer (tied embeddings); a merged model cannot hold that change",
-                          hint="use the adapter unmerged")
+    files, tokenizer = _fit_adapters(model, tokenizer, folders, files, spec, warnings)
 
     _say(progress, "computing reference logits", 0.2)
-    t = time.perf_counter()
-    inputs = [torch.tensor([tokenizer(p, add_special_tokens=True)["input_ids"]], dtype=torch.long)
-              for p in PROMPTS]
-    inputs = [ids[:, : min(ids.shape[1], 64)] for ids in inputs if ids.shape[1] > 0]
-    base_logits = _logits(model, inputs) if verify else None
-    parts = [_Part(a, w, f"export{i}") for i, (a, w) in enumerate(zip(files, weights)) if w != 0.0]
-    for p in parts:
-        _inject(model, p)
-    combine_report: dict | None = None
-    if mode == "exact":
-        merge_names = [p.name for p in parts]
-        lora.set_active_adapters(model, merge_names)
-        ref = _logits(model, inputs) if verify else None
-        exact_ref = ref
-    else:
-        from core import combine as combine_mod
-
-        exact_ref = None
-        if verify:
-            lora.set_active_adapters(model, [p.name for p in parts])
-            exact_ref = _logits(model, inputs)
-        combined, combine_report = combine_mod.combine(files, weights, mode=mode, rank=rank)
-        warnings += combine_report.get("warnings", [])
-        for p in parts:
-            lora.remove_adapter(model, p.name)
-        _inject(model, _Part(combined, 1.0, "combined"))
-        merge_names = ["combined"]
-        lora.set_active_adapters(model, merge_names)
-        ref = _logits(model, inputs) if verify else None
-    times["reference"] = time.perf_counter() - t
-
+    with _timed(times, "reference"):
+        ref = _reference(model, _prompt_ids(tokenizer), files, weights, mode, rank, verify, warnings)
     _say(progress, "merging", 0.4)
-    t = time.perf_counter()
-    for n in merge_names:
-        lora.merge_adapter(model, n)
-    model = lora.unload(model, merge=True)
-    times["merge"] = time.perf_counter() - t
+    with _timed(times, "merge"):
+        model = _merge(model, ref.merge_names)
 
-    report: dict[str, Any] = {"out": str(out), "model": spec, "adapters": [str(f) for f in folders],
-                              "weights": weights, "combine": mode, "rank": rank,
-                              "dtype": models.precision_name(out_dtype), "warnings": warnings,
-                              "base_quantization": method}
-    if combine_report is not None:
-        report["combine_report"] = combine_report
-        report["rank"] = combine_report.get("rank", rank)
+    report: dict[str, Any] = {"out": str(out), "model": spec, "adapters": [str(f) for f in folders], "weights": weights,
+                              "combine": mode, "rank": rank, "dtype": models.precision_name(out_dtype),
+                              "warnings": warnings, "base_quantization": method}
+    if ref.combine_report is not None:  # the rank the combination kept, in the place of the one asked for
+        report.update(combine_report=ref.combine_report, rank=ref.combine_report.get("rank", rank))
     checks: dict[str, Any] = {}
     if verify:
-        _say(progress, "checking the merged weights", 0.5)
-        merged = _logits(model, inputs)
-        checks["merge"] = _compare(merged, ref)
-        checks["merge"]["tolerance"] = TOLERANCE["merge"]
-        checks["adapter_effect"] = _compare(ref, base_logits)["relative"]
-        if exact_ref is not None and exact_ref is not ref:
-            checks["combination_gap"] = _compare(ref, exact_ref)["relative"]
-        if checks["merge"]["relative"] > TOLERANCE["merge"]:
-            raise _fail("the merged weights against base + adapter unmerged", checks["merge"], TOLERANCE["merge"], out)
-        if checks["adapter_effect"] < TOLERANCE.get(out_dtype, 1e-4):
-            warnings.append(f"the adapter changes the logits by only {checks['adapter_effect']:.2g} (relative), "
-                            f"below what a {models.precision_name(out_dtype)} export can resolve")
+        merged, checks = _check_merged(model, ref, out_dtype, out, warnings, progress)
 
     _say(progress, "writing the merged model", 0.6)
-    # Buffers that are not saved (RoPE's inv_freq) are rebuilt in fp32 by whoever loads the export;
-    # keep them to put back after the cast, so the in-memory model below computes what a loader does.
-    saved_keys = set(model.state_dict())
-    transient = {n: b.detach().clone() for n, b in model.named_buffers() if n not in saved_keys}
+    transient = _unsaved_buffers(model)
     with atomic.staged_folder(out, replace=False) as tmp:
-        t = time.perf_counter()
-        _save_model(model, tokenizer, tmp, out_dtype)
-        times["save"] = time.perf_counter() - t
+        with _timed(times, "save"):
+            _save_model(model, tokenizer, tmp, out_dtype)
         if verify:
             _say(progress, "loading the export back to check it", 0.8)
-            t = time.perf_counter()
-            expected = merged
-            if out_dtype != torch.float32:
-                model.to(torch.float32)  # the rounded weights, exactly representable in fp32
-                with torch.no_grad():
-                    for n, b in model.named_buffers():
-                        if n in transient:
-                            b.copy_(transient[n])
-                expected = _logits(model, inputs)
-            device_used = next(model.parameters()).device
-            del model
-            plain = _load_plain(tmp).to(device_used)  # same device: the file check compares like with like
-            got = _logits(plain, inputs)
-            del plain
-            checks["file"] = _compare(got, expected)
-            checks["file"]["tolerance"] = TOLERANCE["file"]
-            checks["export"] = _compare(got, ref)
-            checks["export"]["tolerance"] = TOLERANCE[out_dtype]
-            times["verify"] = time.perf_counter() - t
-            if checks["file"]["relative"] > checks["file"]["tolerance"]:
-                raise _fail("the written files against the merged weights", checks["file"],
-                            checks["file"]["tolerance"], out)
-            if checks["export"]["relative"] > TOLERANCE[out_dtype]:
-                raise _fail("the exported model against base + adapter unmerged", checks["export"],
-                            TOLERANCE[out_dtype], out)
+            with _timed(times, "verify"):
+                expected, device_used = _as_written(model, transient, ref.inputs, merged, out_dtype)
+                del model  # the merged weights leave memory before the export is loaded back
+                checks.update(_check_file(tmp, device_used, ref, expected, out_dtype, out))
         files_written = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     report["files"] = files_written
     report["size_bytes"] = sum(files_written.values())
