@@ -75,7 +75,8 @@ def bare(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from core import data, lora, models, targets
-    from core.train import Trainer, _Factor
+    from core.train import Trainer
+    from core.train_optimizer import _Factor
 
     cfg = _config(args, tempfile.mkdtemp())
     tr = cfg.train
