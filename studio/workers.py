@@ -68,7 +68,9 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from studio import gc_guard
+from studio import gc_guard, import_guard
+
+import_guard.install()  # every page imports this module, before torch & co.: PySide6 would keep their source
 
 log = logging.getLogger("studio")
 _log_handler: logging.FileHandler | None = None

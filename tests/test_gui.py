@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -80,6 +81,32 @@ def test_window_and_pages_import_no_torch(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     for key in ("model", "layers", "data", "train"):
         assert f"'{key}'" in p.stdout
+
+
+def test_modules_imported_after_qt_leave_no_source_in_memory(tmp_path):
+    """PySide6 reads the source of every module imported after it (PYSIDE-2029) and linecache kept
+    it: 100 MiB of the window's memory while training. studio.import_guard asks the same question
+    without keeping it; a module naming PySide6 is still recognised as one."""
+    (tmp_path / "before_guard.py").write_text("X = 1\n" * 1000)
+    (tmp_path / "after_guard.py").write_text("X = 1\n" * 1000)
+    (tmp_path / "uses_qt.py").write_text("import PySide6  # noqa\n")
+    code = textwrap.dedent(f"""
+        import linecache, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import PySide6.QtCore
+        import before_guard  # PySide6's own hook: its source stays in linecache
+        kept_before = before_guard.__file__ in linecache.cache
+        from studio import import_guard
+        assert import_guard.install(), "PySide6 no longer has shibokensupport.feature._mod_uses_pyside"
+        import after_guard, uses_qt
+        feature = sys.modules["shibokensupport.feature"]
+        print(kept_before, before_guard.__file__ in linecache.cache, after_guard.__file__ in linecache.cache,
+              feature.pyside_feature_dict["uses_qt"], feature.pyside_feature_dict["after_guard"])
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "False", "False", "0", "-1"]  # the guard also drops what was kept
 
 
 def test_sidebar_order_and_shortcuts(qtbot):
