@@ -14,127 +14,18 @@ running generation is stopped when training starts.
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QFontDatabase, QTextCursor
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox,
-                               QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
-                               QSpinBox, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
 from core.library_jobs import generate_answers  # noqa: F401  (the Playground's job, kept importable here)
 from studio import workers
 from studio.pages import Page, setting
+from studio.pages.playground_pane import BASE, AnswerPane, library_entries  # noqa: F401  (BASE: tests name it)
 
-BASE = "Base model (no adapter)"
 STOP_REASONS = {"eos": "ended its turn", "length": "reached the token limit", "cancelled": "stopped"}
 DEFAULT_PROMPT = "Two large oat milk lattes with an extra shot, please."
 """An order like those of the bundled sample dataset: after the first run on it, the adapter's answer
 (the order as JSON) and the base model's (a chat reply) differ at a glance."""
-
-
-def library_entries() -> list:
-    """The library's entries, newest first (empty when the library cannot be read)."""
-    try:
-        from core.library import Library
-
-        return Library().entries()
-    except Exception:  # noqa: BLE001 - the playground still works with what is on the model
-        return []
-
-
-def library_names() -> dict[str, str]:
-    """Library entry names by id: the Library puts an adapter on the model under its id."""
-    return {e.id: e.name for e in library_entries()}
-
-
-class AnswerPane(QFrame):
-    """One side: what answers (a combo), the streamed answer, and a line of statistics."""
-
-    def __init__(self, title: str, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setFrameShape(QFrame.Shape.StyledPanel)
-        self.title = QLabel(f"<b>{title}</b>")
-        self.choice = QComboBox()
-        self.choice.setMinimumWidth(200)
-        self.choice.setToolTip("What answers: the base model alone, or the base model with one of its adapters")
-        self.user_pick: str | None = None  # what the user chose (an adapter name, or BASE)
-        self.choice.activated.connect(self._picked)
-        self.text = QPlainTextEdit()
-        self.text.setReadOnly(True)
-        self.text.setPlaceholderText("The answer appears here as it is generated.")
-        font = QFontDatabase.systemFont(QFontDatabase.SystemFont.GeneralFont)
-        font.setPointSizeF(font.pointSizeF() + 1)
-        self.text.setFont(font)
-        self.stats = QLabel(" ")
-        self.stats.setStyleSheet("color: palette(placeholder-text);")
-        top = QHBoxLayout()
-        top.addWidget(self.title)
-        top.addWidget(self.choice, 1)  # the whole width: library names can be long
-        lay = QVBoxLayout(self)
-        lay.addLayout(top)
-        lay.addWidget(self.text, 1)
-        lay.addWidget(self.stats)
-
-    def set_choices(self, on_model: list[str], library: list, preferred: str | None) -> None:
-        """``on_model``: adapter names on the model; ``library``: entries (shown by name; those not on
-        the model yet are loaded when used). What the user picked stays picked; else ``preferred``."""
-        names = {e.id: e.name for e in library}
-        self.choice.blockSignals(True)
-        self.choice.clear()
-        self.choice.addItem(BASE, None)
-        for name in on_model:
-            self.choice.addItem(f"adapter: {names.get(name, name)}", {"name": name, "folder": None})
-        others = [e for e in library if e.id not in on_model]
-        if others:
-            self.choice.insertSeparator(self.choice.count())
-            for e in others:
-                self.choice.addItem(f"library: {e.name}", {"name": e.id, "folder": str(e.path)})
-                self.choice.setItemData(self.choice.count() - 1, "Put on the model from the library when generating",
-                                        Qt.ItemDataRole.ToolTipRole)
-        want = self.user_pick if self.user_pick is not None else preferred
-        if not self._find(want):
-            self._find(preferred)
-        self.choice.blockSignals(False)
-
-    def _find(self, name: str | None) -> bool:
-        """Make ``name`` (an adapter, or BASE / None for the base model) current; False if absent."""
-        if name is None or name == BASE:
-            self.choice.setCurrentIndex(0)
-            return True
-        for i in range(self.choice.count()):
-            data = self.choice.itemData(i)
-            if isinstance(data, dict) and data["name"] == name:
-                self.choice.setCurrentIndex(i)
-                return True
-        return False
-
-    def _picked(self, index: int) -> None:
-        data = self.choice.itemData(index)
-        self.user_pick = data["name"] if isinstance(data, dict) else BASE
-
-    def selected(self) -> dict | None:
-        data = self.choice.currentData()
-        return data if isinstance(data, dict) else None
-
-    def select_adapter(self, name: str | None) -> bool:
-        """Choose, as the user would, the adapter ``name`` on the model or in the library (None: the
-        base model); False when there is no such choice."""
-        found = self._find(name)
-        if found:
-            self._picked(self.choice.currentIndex())
-        return found
-
-    def clear(self) -> None:
-        self.text.clear()
-        self.stats.setText("waiting…")
-
-    def append(self, piece: str) -> None:
-        cursor = self.text.textCursor()
-        cursor.movePosition(QTextCursor.MoveOperation.End)
-        cursor.insertText(piece)
-        self.text.setTextCursor(cursor)
-        self.text.ensureCursorVisible()
-
-    def answer(self) -> str:
-        return self.text.toPlainText()
 
 
 class PlaygroundPage(Page):
@@ -149,7 +40,30 @@ class PlaygroundPage(Page):
         self.results: list = []
         self.loaded_adapters = False
 
-        # -- the prompt ---------------------------------------------------------------------------
+        top = QHBoxLayout()
+        top.addLayout(self._prompt_column(), 3)
+        top.addWidget(self._settings_box(), 1)
+
+        # -- the two answers ----------------------------------------------------------------------
+        self.panes = [AnswerPane("A"), AnswerPane("B")]
+        split = QSplitter(Qt.Orientation.Horizontal)
+        for p in self.panes:
+            split.addWidget(p)
+        split.setChildrenCollapsible(False)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(split, 1)
+
+        state.loaded_changed.connect(self.refresh)
+        state.session_changed.connect(self.refresh)
+        state.training_changed.connect(self._training_changed)
+        state.library_changed.connect(self.refresh)
+        state.config_changed.connect(lambda part: part in ("model", "all") and self.refresh())
+        self.refresh()
+
+    def _prompt_column(self) -> QVBoxLayout:
+        """The prompt, the system message, what the model does with them, and the buttons."""
         self.prompt = QPlainTextEdit()
         self.prompt.setPlaceholderText("Type a prompt…")
         self.prompt.setPlainText(DEFAULT_PROMPT)
@@ -158,36 +72,6 @@ class PlaygroundPage(Page):
         self.system.setPlaceholderText("optional system message (chat models only)")
         self.format_label = QLabel()
         self.format_label.setWordWrap(True)
-
-        # -- settings -----------------------------------------------------------------------------
-        self.max_tokens = QSpinBox()
-        self.max_tokens.setRange(1, 4096)
-        self.max_tokens.setValue(128)
-        self.max_tokens.setToolTip("The most tokens each answer may have; it usually ends earlier, at its end-of-turn token")
-        self.temperature = QDoubleSpinBox()
-        self.temperature.setRange(0.0, 2.0)
-        self.temperature.setSingleStep(0.1)
-        self.temperature.setValue(0.7)
-        self.temperature.setToolTip("Higher is more varied; 0 is greedy")
-        self.top_p = QDoubleSpinBox()
-        self.top_p.setRange(0.05, 1.0)
-        self.top_p.setSingleStep(0.05)
-        self.top_p.setValue(0.9)
-        self.top_p.setToolTip("Sample only from the most likely tokens whose probabilities add up to this")
-        self.greedy = QCheckBox("Greedy (deterministic)")
-        self.greedy.setToolTip("Always take the most likely token: the same prompt gives the same answer")
-        self.greedy.toggled.connect(self._greedy_toggled)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.seed.setToolTip("Both answers are sampled with this seed, so a difference comes from the adapter")
-
-        settings_box = QGroupBox("Generation")
-        form = QFormLayout(settings_box)
-        form.addRow("Max new tokens", self.max_tokens)
-        form.addRow("Temperature", self.temperature)
-        form.addRow("Top-p", self.top_p)
-        form.addRow("Seed", self.seed)
-        form.addRow("", self.greedy)
 
         self.generate_button = QPushButton("Generate")
         self.generate_button.setDefault(True)
@@ -221,27 +105,39 @@ class PlaygroundPage(Page):
         prompt_col.addLayout(buttons)
         prompt_col.addWidget(self.load_bar)
         prompt_col.addWidget(self.availability)
-        top = QHBoxLayout()
-        top.addLayout(prompt_col, 3)
-        top.addWidget(settings_box, 1)
+        return prompt_col
 
-        # -- the two answers ----------------------------------------------------------------------
-        self.panes = [AnswerPane("A"), AnswerPane("B")]
-        split = QSplitter(Qt.Orientation.Horizontal)
-        for p in self.panes:
-            split.addWidget(p)
-        split.setChildrenCollapsible(False)
+    def _settings_box(self) -> QGroupBox:
+        """Max new tokens, temperature, top-p, seed, greedy."""
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(1, 4096)
+        self.max_tokens.setValue(128)
+        self.max_tokens.setToolTip("The most tokens each answer may have; it usually ends earlier, at its end-of-turn token")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0.0, 2.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setValue(0.7)
+        self.temperature.setToolTip("Higher is more varied; 0 is greedy")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setRange(0.05, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setValue(0.9)
+        self.top_p.setToolTip("Sample only from the most likely tokens whose probabilities add up to this")
+        self.greedy = QCheckBox("Greedy (deterministic)")
+        self.greedy.setToolTip("Always take the most likely token: the same prompt gives the same answer")
+        self.greedy.toggled.connect(self._greedy_toggled)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.seed.setToolTip("Both answers are sampled with this seed, so a difference comes from the adapter")
 
-        lay = QVBoxLayout(self)
-        lay.addLayout(top)
-        lay.addWidget(split, 1)
-
-        state.loaded_changed.connect(self.refresh)
-        state.session_changed.connect(self.refresh)
-        state.training_changed.connect(self._training_changed)
-        state.library_changed.connect(self.refresh)
-        state.config_changed.connect(lambda part: part in ("model", "all") and self.refresh())
-        self.refresh()
+        box = QGroupBox("Generation")
+        form = QFormLayout(box)
+        form.addRow("Max new tokens", self.max_tokens)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Top-p", self.top_p)
+        form.addRow("Seed", self.seed)
+        form.addRow("", self.greedy)
+        return box
 
     # -- what can be done now ---------------------------------------------------------------------
     def refresh(self, *_) -> None:
