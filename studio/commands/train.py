@@ -197,65 +197,95 @@ def command_line(cfg, program: str = "lora-studio") -> list[str]:
     return argv
 
 
+class _Terminal:
+    """What a run shows on stderr: a progress bar (or, with --no-progress, a line per logged step),
+    evaluations, one line per stage; only the first process of a multi-process run shows anything."""
+
+    def __init__(self, no_progress: bool):
+        self.show = int(os.environ.get("RANK", "0") or 0) == 0
+        self.no_progress = no_progress
+        self.bar = None
+        self.shown_kinds: set[str] = set()
+
+    def write(self, line: str) -> None:
+        if not self.show:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def on_event(self, ev) -> None:
+        from core.train import EvalEvent, StatusEvent, StepEvent
+
+        if isinstance(ev, StepEvent):
+            self._step(ev)
+        elif isinstance(ev, EvalEvent):
+            self.write(f"step {ev.step}: eval loss {ev.eval_loss:.4f}")
+        elif isinstance(ev, StatusEvent):
+            if ev.kind in ("tokenizing", "evaluating", "training"):
+                if ev.kind in self.shown_kinds:
+                    return  # one line per stage, not one per chunk or per evaluation
+                self.shown_kinds.add(ev.kind)
+            if ev.kind in ("checkpoint", "finished", "stopped", "failed"):
+                return  # the checkpoints are in the folder; the end is reported by _report
+            if ev.message:
+                self.write(ev.message)
+
+    def _step(self, ev) -> None:
+        if self.no_progress or not self.show:
+            if ev.loss is not None and self.show:
+                self.write(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} lr {ev.lr:.3g} "
+                           f"{ev.tokens_per_second:,.0f} tok/s eta {ev.eta:.0f}s")
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=ev.total_steps, initial=ev.step - 1, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, desc="train")
+        self.bar.update(ev.step - self.bar.n)
+        if ev.loss is not None:
+            self.bar.set_postfix_str(f"loss {ev.loss:.4f}, lr {ev.lr:.2e}, {ev.tokens_per_second:,.0f} tok/s, "
+                                     f"ETA {_duration(ev.eta)}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _report(result, args: argparse.Namespace, cfg) -> None:
+    """The run's last line; a finished run's adapter goes to the library unless --no-library."""
+    loss = f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    ev = f"; best eval loss {result.best_eval_loss:.4f}" if result.best_eval_loss is not None else ""
+    if result.status == "finished":
+        print(f"finished {result.step} steps in {_duration(result.duration)}{loss}{ev}; adapter: {result.adapter}",
+              file=sys.stderr)
+        if not args.no_library:
+            _adopt(result.out)
+    else:
+        where = f"; checkpoint: {result.checkpoint}" if result.checkpoint else ""
+        print(f"stopped at step {result.step} of {result.total_steps}{loss}{where}; "
+              f"continue with: lora-studio train --resume --out {cfg.out}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if not cfg.out:
         raise StudioError("--out: choose a run folder (RUN_DIR)")
     fetch_model(cfg.model.source)
     cfg.validate()
-    from core.train import EvalEvent, StatusEvent, StepEvent, Trainer
+    from core.train import Trainer
 
-    rank = int(os.environ.get("RANK", "0") or 0)
-    show = rank == 0
-    bar = None
-    interrupted = {"n": 0}
-
-    def write(line: str) -> None:
-        if not show:
-            return
-        if bar is not None:
-            bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    shown_kinds: set[str] = set()
-
-    def on_event(ev) -> None:
-        nonlocal bar
-        if isinstance(ev, StepEvent):
-            if args.no_progress or not show:
-                if ev.loss is not None and show:
-                    write(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} lr {ev.lr:.3g} "
-                          f"{ev.tokens_per_second:,.0f} tok/s eta {ev.eta:.0f}s")
-                return
-            if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(total=ev.total_steps, initial=ev.step - 1, unit="step", dynamic_ncols=True,
-                           file=sys.stderr, desc="train")
-            bar.update(ev.step - bar.n)
-            if ev.loss is not None:
-                bar.set_postfix_str(f"loss {ev.loss:.4f}, lr {ev.lr:.2e}, {ev.tokens_per_second:,.0f} tok/s, "
-                                    f"ETA {_duration(ev.eta)}", refresh=False)
-        elif isinstance(ev, EvalEvent):
-            write(f"step {ev.step}: eval loss {ev.eval_loss:.4f}")
-        elif isinstance(ev, StatusEvent):
-            if ev.kind in ("tokenizing", "evaluating", "training"):
-                if ev.kind in shown_kinds:
-                    return  # one line per stage, not one per chunk or per evaluation
-                shown_kinds.add(ev.kind)
-            if ev.kind in ("checkpoint", "finished", "stopped", "failed"):
-                return  # the checkpoints are in the folder; the end is reported below
-            if ev.message:
-                write(ev.message)
-
-    trainer = Trainer(cfg, callback=on_event)
+    terminal = _Terminal(args.no_progress)
+    trainer = Trainer(cfg, callback=terminal.on_event)
+    interrupted = 0
 
     def on_sigint(signum, frame):
-        interrupted["n"] += 1
-        if interrupted["n"] > 1:
+        nonlocal interrupted
+        interrupted += 1
+        if interrupted > 1:
             raise KeyboardInterrupt
-        write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        terminal.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
         trainer.request_stop()
 
     old = signal.signal(signal.SIGINT, on_sigint)
@@ -263,23 +293,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = trainer.run(resume=args.resume)
     finally:
         signal.signal(signal.SIGINT, old)
-        if bar is not None:
-            bar.close()
-    if show:
-        loss = f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-        ev = f"; best eval loss {result.best_eval_loss:.4f}" if result.best_eval_loss is not None else ""
-        if result.status == "finished":
-            print(f"finished {result.step} steps in {_duration(result.duration)}{loss}{ev}; adapter: {result.adapter}",
-                  file=sys.stderr)
-            if not args.no_library:
-                _adopt(result.out)
-        else:
-            where = f"; checkpoint: {result.checkpoint}" if result.checkpoint else ""
-            print(f"stopped at step {result.step} of {result.total_steps}{loss}{where}; "
-                  f"continue with: lora-studio train --resume --out {cfg.out}", file=sys.stderr)
-    if result.status == "stopped" and interrupted["n"]:
-        return 130
-    return 0
+        terminal.close()
+    if terminal.show:
+        _report(result, args, cfg)
+    return 130 if result.status == "stopped" and interrupted else 0
 
 
 def _adopt(run_dir) -> None:
