@@ -56,16 +56,9 @@ def _random_b(params, seed):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    from core import lora, targets
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    folder = common.model_folder(args.model)
-    sync = common.device_sync(args.device)
+def make_clock(device: str):
+    """A function that times one call of ``fn`` in seconds, the device's queued work included."""
+    sync = common.device_sync(device)
 
     def clock(fn):
         sync()
@@ -73,6 +66,17 @@ def main(argv=None) -> int:
         fn()
         sync()
         return time.perf_counter() - t0
+
+    return clock
+
+
+def time_ours(folder: Path, args, clock) -> tuple[dict, list[str]]:
+    """Inject adapters ``one`` and ``two``, check one merge + unmerge restores the weights, then time
+    merge, unmerge and swap ``--repeats`` times each; the figures as they go into the JSON, and the
+    target modules' names."""
+    import torch
+
+    from core import lora, targets
 
     model = common.load_model(folder, args.device, args.dtype)
     names = targets.resolve_targets(model, args.targets)
@@ -100,29 +104,34 @@ def main(argv=None) -> int:
         lora.unmerge_adapter(model, "two")
         lora.set_active_adapters(model, ["one"])
     drift = weight_error()  # after every timed merge, unmerge and swap: rounding adds up
-    result = {"ours": {k: common.median(v) for k, v in times.items()},
-              "ours_all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
-              "max_abs_weight_error_after_unmerge": restored,
-              "max_abs_weight_drift_after_all_cycles": drift, "modules": len(names)}
+    return {"ours": {k: common.median(v) for k, v in times.items()},
+            "ours_all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+            "max_abs_weight_error_after_unmerge": restored,
+            "max_abs_weight_drift_after_all_cycles": drift, "modules": len(names)}, names
 
-    if not args.no_peft:
-        import peft
 
-        del model
-        base = common.load_model(folder, args.device, args.dtype)
-        torch.manual_seed(0)
-        pm = peft.get_peft_model(base, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha,
-                                                       target_modules=[n.rsplit(".", 1)[-1] for n in names],
-                                                       task_type="CAUSAL_LM"))
-        _random_b(pm.named_parameters(), seed=1)
-        pt: dict[str, list[float]] = {"merge": [], "unmerge": []}
-        for _ in range(args.repeats):
-            pt["merge"].append(clock(pm.merge_adapter))
-            pt["unmerge"].append(clock(pm.unmerge_adapter))
-        result["peft"] = {k: common.median(v) for k, v in pt.items()}
+def time_peft(folder: Path, names: list[str], args, clock) -> dict:
+    """PEFT's merge_adapter and unmerge_adapter on the same targets, median seconds of each."""
+    import peft
+    import torch
 
-    info = common.machine()
-    print(f"model {folder}: {len(names)} {args.targets} modules, r={args.rank}, {args.dtype} on {args.device}; "
+    base = common.load_model(folder, args.device, args.dtype)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha,
+                                                   target_modules=[n.rsplit(".", 1)[-1] for n in names],
+                                                   task_type="CAUSAL_LM"))
+    _random_b(pm.named_parameters(), seed=1)
+    pt: dict[str, list[float]] = {"merge": [], "unmerge": []}
+    for _ in range(args.repeats):
+        pt["merge"].append(clock(pm.merge_adapter))
+        pt["unmerge"].append(clock(pm.unmerge_adapter))
+    return {k: common.median(v) for k, v in pt.items()}
+
+
+def report(folder: Path, args, result: dict, info: dict) -> None:
+    """The table of medians, the 1 s target and the weight check."""
+    restored, drift = result["max_abs_weight_error_after_unmerge"], result["max_abs_weight_drift_after_all_cycles"]
+    print(f"model {folder}: {result['modules']} {args.targets} modules, r={args.rank}, {args.dtype} on {args.device}; "
           f"median of {args.repeats}")
     print(f"{'operation':<10}{'ours':>10}{'PEFT':>10}")
     for op in ("merge", "unmerge", "swap"):
@@ -134,13 +143,33 @@ def main(argv=None) -> int:
           f"weights after one merge+unmerge differ by at most {restored:.2e} (must be ≤ 1e-6); "
           f"after all {3 * args.repeats + 1} cycles by {drift:.2e}")
     print(f"machine: {common.describe(info)}")
-    if args.json_out:
-        out = Path(args.json_out)
+
+
+def write_result(path: str | None, args, folder: Path, info: dict, result: dict) -> None:
+    """``--json-out``: the settings, the model folder and the machine beside the figures."""
+    if path:
+        out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k != "json_out"}
         out.write_text(json.dumps({"settings": settings, "model_folder": str(folder), "machine": info,
                                    **result}, indent=1) + "\n")
-    return 0 if restored <= 1e-6 else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = common.model_folder(args.model)
+    clock = make_clock(args.device)
+    result, names = time_ours(folder, args, clock)  # its model is freed before PEFT's is loaded
+    if not args.no_peft:
+        result["peft"] = time_peft(folder, names, args, clock)
+    info = common.machine()
+    report(folder, args, result, info)
+    write_result(args.json_out, args, folder, info, result)
+    return 0 if result["max_abs_weight_error_after_unmerge"] <= 1e-6 else 1
 
 
 if __name__ == "__main__":
