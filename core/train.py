@@ -71,7 +71,7 @@ from core.config import RunConfig
 from core.errors import StudioError
 from core.train_checkpoints import RunCheckpoints
 from core.train_events import EvalEvent, RunResult, StatusEvent, StepEvent
-from core.train_loop import TrainLoop
+from core.train_loop import TrainLoop, _collect_cycles
 from core.train_optimizer import lr_factor, make_adamw
 from core.train_setup import ADAPTER_NAME, TrainSetup, file_sha256
 
@@ -85,9 +85,14 @@ class Trainer(TrainSetup, TrainLoop, RunCheckpoints):
     ``callback(event)`` receives every StepEvent, EvalEvent and StatusEvent, in the training thread.
     ``loaded`` (a :class:`core.models.LoadedModel`) reuses a model the window already holds; the
     adapter is taken out of it again when the run ends, leaving it as it was.
+    ``collect_cycles``: how this process frees tensors held in reference cycles, where the run gives
+    memory back (pause, out of memory, the end). By default Python's collector, from the main
+    thread only; a window, whose collections must happen in its GUI thread (studio/gc_guard.py),
+    passes a function that has that thread collect and waits for it.
     """
 
-    def __init__(self, cfg: RunConfig, *, callback: Callable[[Any], None] | None = None, loaded=None):
+    def __init__(self, cfg: RunConfig, *, callback: Callable[[Any], None] | None = None, loaded=None,
+                 collect_cycles: Callable[[], None] | None = None):
         cfg = cfg.copy()
         problems = cfg.problems()
         if not cfg.out:
@@ -101,6 +106,7 @@ class Trainer(TrainSetup, TrainLoop, RunCheckpoints):
         self.cfg = cfg
         self.callback = callback
         self.loaded = loaded
+        self.collect_cycles = collect_cycles or _collect_cycles
         self.run_folder = runs.RunFolder(cfg.out)
         self._stop = threading.Event()
         self._pause = threading.Event()

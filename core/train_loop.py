@@ -278,7 +278,7 @@ class TrainLoop:
         moved = self.device.type != "cpu"
         if moved:
             self.model.to("cpu")
-        _collect_cycles()
+        self.collect_cycles()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         elif self.device.type == "mps":
@@ -353,7 +353,7 @@ class TrainLoop:
 
     def _oom_error(self, e: BaseException) -> StudioError:
         self.optimizer.zero_grad(set_to_none=True)
-        _collect_cycles()
+        self.collect_cycles()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         tr, d = self.cfg.train, self.cfg.data

@@ -24,7 +24,6 @@ import torch
 from core import lora
 from core.errors import Cancelled, StudioError
 from core.train_events import RunResult
-from core.train_loop import _collect_cycles
 from core.train_optimizer import _Factor, make_adamw
 
 ADAPTER_NAME = "default"
@@ -248,4 +247,4 @@ class TrainSetup:
 
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-        _collect_cycles()
+        self.collect_cycles()

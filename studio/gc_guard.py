@@ -10,7 +10,9 @@ The guard does what PyQt's and pyqtgraph's users settled on: it turns automatic 
 a timer in the GUI thread collects whenever the counts pass the usual thresholds (full collections
 at most once a minute, see FULL_EVERY_S). Collection then
 only ever happens between events of the GUI thread. Reference counting (which frees almost
-everything) is untouched; only cycles wait for the next tick (a quarter of a second).
+everything) is untouched; only cycles wait for the next tick (a quarter of a second). Where a job
+must give memory back now (a run's Pause, its end), its worker asks this thread for a full
+collection and waits for it (studio.workers.TrainWorker, core.train.Trainer's ``collect_cycles``).
 """
 
 from __future__ import annotations

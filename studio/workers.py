@@ -405,6 +405,11 @@ class TrainWorker(Worker):
     ``finished(result)`` because its adapter and checkpoint were written.
     """
 
+    _collect_request = Signal()  # from the training thread: collect cycles here, in the GUI thread
+
+    COLLECT_WAIT_S = 5.0
+    """How long the training thread waits for the GUI thread's collection before going on without it."""
+
     def __init__(self, cfg, *, resume: bool = False, loaded=None, session=None, label: str = "training"):
         super().__init__()
         self.cfg = cfg.copy()
@@ -415,6 +420,9 @@ class TrainWorker(Worker):
         self.trainer = None
         self.paused = False
         self._early = threading.Event()  # stop asked before the trainer existed
+        self._collected = threading.Event()
+        self._abandoned = False  # cancelled because the window closes: its thread may collect no more
+        self._collect_request.connect(self._collect_here)  # queued: this object lives in the GUI thread
 
     def work(self) -> Any:
         if self.session is None:
@@ -431,15 +439,33 @@ class TrainWorker(Worker):
     def _train(self, loaded) -> Any:
         from core.train import Trainer
 
-        self.trainer = Trainer(self.cfg, callback=self._emit_progress, loaded=loaded)
+        self.trainer = Trainer(self.cfg, callback=self._emit_progress, loaded=loaded,
+                               collect_cycles=self._collect_in_gui_thread)
         if self._early.is_set():
             self.trainer.request_stop()
         return self.trainer.run(resume=self.resume_run)
+
+    def _collect_in_gui_thread(self) -> None:
+        """Training thread: have the GUI thread collect cyclic garbage, the only thread that may
+        (studio/gc_guard.py), and wait for it, so Pause's "give the memory back" (and the end of a
+        run) frees the tensors cycles hold before the accelerator's cache is emptied."""
+        if self._abandoned:
+            return
+        self._collected.clear()
+        self._collect_request.emit()
+        self._collected.wait(self.COLLECT_WAIT_S)
+
+    def _collect_here(self) -> None:  # GUI thread
+        gc_guard.collect_now()
+        self._collected.set()
 
     def _reports_after_cancel(self) -> bool:
         return True
 
     def cancel(self) -> None:
+        """Stop, because the window closes (workers.cancel_all): no GUI-thread collection is waited for."""
+        self._abandoned = True
+        self._collected.set()
         self.stop()
 
     def stop(self) -> None:

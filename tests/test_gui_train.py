@@ -111,7 +111,15 @@ def test_stop_saves_a_checkpoint_and_keeps_the_partial_adapter_out_of_the_librar
     assert page.status.text().startswith(f"Stopped at step {page.last_result.step} of 100000")
 
 
-def test_pause_and_resume(window, qtbot):
+def test_pause_and_resume(window, qtbot, monkeypatch):
+    import threading
+
+    from studio import gc_guard
+
+    collections = []  # (in the GUI thread, the page's state then): Pause frees what cycles hold
+    real = gc_guard.collect_now
+    monkeypatch.setattr(gc_guard, "collect_now", lambda: (collections.append(
+        (threading.current_thread() is threading.main_thread(), page.pause_state)), real()))
     page = window.page("train")
     _steps(page, 100_000)
     page.start()
@@ -120,6 +128,7 @@ def test_pause_and_resume(window, qtbot):
     assert page.pause_button.text() == "Pausing…" and not page.pause_button.isEnabled()
     qtbot.waitUntil(lambda: page.status.text().lower().startswith("paused"), timeout=LONG)
     assert page.pause_button.text() == "Resume" and page.pause_button.isEnabled()
+    assert collections == [(True, "pausing")]  # by the GUI thread, before the run said it paused
     at_pause = page.plot.steps_received
     qtbot.wait(600)
     assert page.plot.steps_received == at_pause  # nothing trains while paused
