@@ -195,7 +195,7 @@ def markdown(cells, scores: dict, key: str = "bleu") -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     from core.sweep import TABLE5_TARGET_SETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -223,9 +223,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--eval-batch", type=int, default=15)
     p.add_argument("--json-out")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from core import evaluate, models, sweep
+
+def write_split(args) -> tuple[list[dict], dict[str, list[str]], Path, list]:
+    """Split by MR (step 1) into ``--work``: the training rows, the held-out MRs with their references,
+    the training file and the held-out MRs as evaluation examples."""
+    from core import evaluate
 
     args.work.mkdir(parents=True, exist_ok=True)
     train, held = split_by_mr(args.e2e, args.test_mrs, args.seed)
@@ -235,43 +239,44 @@ def main(argv=None) -> int:
                                  reference=rs[0]) for i, (m, rs) in enumerate(held.items())]
     print(f"{len(train)} training rows from {len({r['prompt'] for r in train})} MRs; {len(held)} held-out MRs",
           file=sys.stderr)
-    cfg = base_config(args, data)
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
-    sets = [t.strip() for t in args.target_sets.split(",") if t.strip()]
-    loaded = models.load_model(args.model, device=args.device, precision=args.precision)
-    budget = args.budget or sweep.plan(loaded.model, ranks=[8], target_sets=["q"])[0].trainable_params
-    started = time.perf_counter()
-    summary = {"machine": machine(), "command": " ".join(["benchmarks/e2e_study.py"] + (argv or sys.argv[1:])),
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "train_rows": len(train), "held_out_mrs": len(held), "budget": budget}
-    summary["base"], args.same_eval = base_score(loaded, examples, held, args)
-    grid_dir = args.work / "table6"
-    cells = run_sweep(cfg, grid_dir, loaded, ranks=ranks, target_sets=sets)
-    summary["table6"] = {"scores": evaluate_cells(grid_dir, cells, loaded, examples, held, args),
-                         "cells": [c.__dict__ for c in cells]}
-    tables = {"table6": markdown(cells, summary["table6"]["scores"])}
-    if not args.no_budget:
-        budget_dir = args.work / "table5"
-        budget_sets = [t.strip() for t in args.budget_sets.split(",") if t.strip()]
-        cells5 = run_sweep(cfg, budget_dir, loaded, ranks=[], target_sets=budget_sets, budget=budget)
-        summary["table5"] = {"scores": evaluate_cells(budget_dir, cells5, loaded, examples, held, args),
-                             "cells": [c.__dict__ for c in cells5]}
-        tables["table5"] = "\n".join(
-            ["| targets | r | trainable | final loss | BLEU |", "|---|---|---|---|---|"]
-            + [f"| {c.targets} | {c.rank} | {c.trainable_params:,} | {c.final_loss:.3f} | {c.metrics.get('bleu', 0):.1f} |"
-               for c in cells5 if c.status == "finished"])
-    if not args.no_full:
-        path = args.work / "full.json"  # full fine-tuning changes the loaded model: it runs last, once
-        kept = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        key = {"steps": args.steps, "batch_size": args.batch_size, "full_lr": args.full_lr, "seed": args.seed}
-        if args.same_eval and kept.get("key") == key:
-            summary["full"] = kept["result"]
-        else:
-            summary["full"] = full_finetune(cfg, loaded, args.full_lr)
-            summary["full"].update(score(loaded, examples, [evaluate.System("full-ft")], held, args)["full-ft"])
-            path.write_text(json.dumps({"key": key, "result": summary["full"]}), encoding="utf-8")
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    summary["tables"] = tables
+    return train, held, data, examples
+
+
+def comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def fixed_budget(cfg, loaded, budget: int, examples, held, args) -> tuple[dict, str]:
+    """Table 5 (step 3): the budget sweep, scored; its summary and its markdown table."""
+    budget_dir = args.work / "table5"
+    cells5 = run_sweep(cfg, budget_dir, loaded, ranks=[], target_sets=comma_list(args.budget_sets), budget=budget)
+    result = {"scores": evaluate_cells(budget_dir, cells5, loaded, examples, held, args),
+              "cells": [c.__dict__ for c in cells5]}
+    table = "\n".join(
+        ["| targets | r | trainable | final loss | BLEU |", "|---|---|---|---|---|"]
+        + [f"| {c.targets} | {c.rank} | {c.trainable_params:,} | {c.final_loss:.3f} | {c.metrics.get('bleu', 0):.1f} |"
+           for c in cells5 if c.status == "finished"])
+    return result, table
+
+
+def full_reference(cfg, loaded, examples, held, args) -> dict:
+    """Full fine-tuning (step 4), scored; kept in ``--work`` and reused while its settings and the
+    evaluation's are those of before."""
+    from core import evaluate
+
+    path = args.work / "full.json"  # full fine-tuning changes the loaded model: it runs last, once
+    kept = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    key = {"steps": args.steps, "batch_size": args.batch_size, "full_lr": args.full_lr, "seed": args.seed}
+    if args.same_eval and kept.get("key") == key:
+        return kept["result"]
+    full = full_finetune(cfg, loaded, args.full_lr)
+    full.update(score(loaded, examples, [evaluate.System("full-ft")], held, args)["full-ft"])
+    path.write_text(json.dumps({"key": key, "result": full}), encoding="utf-8")
+    return full
+
+
+def print_summary(summary: dict, held, budget: int, args) -> None:
+    tables = summary["tables"]
     print(f"\nMachine: {describe(summary['machine'])}")
     print(f"Base model BLEU on {len(held)} held-out MRs: {summary['base']['bleu']:.1f}")
     print("\nBLEU (multi-reference) by rank x target set:\n" + tables["table6"])
@@ -280,6 +285,34 @@ def main(argv=None) -> int:
     if "full" in summary:
         print(f"\nFull fine-tuning (lr {args.full_lr:g}): BLEU {summary['full']['bleu']:.1f}, "
               f"final loss {summary['full']['final_loss']:.3f}, {summary['full']['seconds']} s")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from core import models, sweep
+
+    train, held, data, examples = write_split(args)
+    cfg = base_config(args, data)
+    ranks = [int(r) for r in comma_list(args.ranks)]
+    loaded = models.load_model(args.model, device=args.device, precision=args.precision)
+    budget = args.budget or sweep.plan(loaded.model, ranks=[8], target_sets=["q"])[0].trainable_params
+    started = time.perf_counter()
+    summary = {"machine": machine(), "command": " ".join(["benchmarks/e2e_study.py"] + (argv or sys.argv[1:])),
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "train_rows": len(train), "held_out_mrs": len(held), "budget": budget}
+    summary["base"], args.same_eval = base_score(loaded, examples, held, args)
+    grid_dir = args.work / "table6"
+    cells = run_sweep(cfg, grid_dir, loaded, ranks=ranks, target_sets=comma_list(args.target_sets))
+    summary["table6"] = {"scores": evaluate_cells(grid_dir, cells, loaded, examples, held, args),
+                         "cells": [c.__dict__ for c in cells]}
+    tables = {"table6": markdown(cells, summary["table6"]["scores"])}
+    if not args.no_budget:
+        summary["table5"], tables["table5"] = fixed_budget(cfg, loaded, budget, examples, held, args)
+    if not args.no_full:
+        summary["full"] = full_reference(cfg, loaded, examples, held, args)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["tables"] = tables
+    print_summary(summary, held, budget, args)
     write_json(args.json_out, summary)
     return 0
 
