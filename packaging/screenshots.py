@@ -206,7 +206,7 @@ def shoot_evaluate_and_sweep(app, window, run_dirs: list[Path], shot, sweep_step
     d.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description="Open each page of the studio in a realistic state and save PNGs.")
     p.add_argument("out", help="folder for the PNG files (created)")
     p.add_argument("--model", default="default", help="base model spec (default: the bundled SmolLM2-135M)")
@@ -218,46 +218,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1280x800", help="window size WxH (default 1280x800)")
     p.add_argument("--palette", action="store_true",
                    help="save 8-bit palette PNGs: a quarter of the size, as the README's are")
-    args = p.parse_args(argv)
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    return p.parse_args(argv)
 
+
+def use_studio_home(home_arg: str | None) -> Path:
+    """Make ``--home`` (or a new temporary folder) the studio home, with your own model cache linked in."""
     from core.home import studio_home
 
     own_models = studio_home() / "models"
-    home = Path(args.home).expanduser() if args.home else Path(tempfile.mkdtemp(prefix="lora-studio-shots-"))
+    home = Path(home_arg).expanduser() if home_arg else Path(tempfile.mkdtemp(prefix="lora-studio-shots-"))
     home.mkdir(parents=True, exist_ok=True)
     if own_models.is_dir() and not (home / "models").exists():
         (home / "models").symlink_to(own_models, target_is_directory=True)  # reuse the converted default
     os.environ["LORA_STUDIO_HOME"] = str(home)
     _log(f"studio home: {home}")
+    return home
 
-    model = args.model if args.model == "default" else str(Path(args.model).expanduser().resolve())
-    run_dirs = make_library(model, args.steps)
 
-    from studio import workers
-    from studio.app import MainWindow, make_app
-
-    app = make_app()
-    window = MainWindow(background=False)
-    window.resize(width, height)
-    state = window.state
-    state.config.model.source = model
-    window.show()
-    state.refresh_model_info()
+def make_shooter(app, window, out: Path, palette: bool):
+    """``shot(key, suffix="", widget=None)``: save the window (or ``widget``) as the next
+    ``OUT_DIR/<n>-<key><suffix>.png``; and the list of the files saved."""
     shots: list[Path] = []
 
     def shot(key: str, suffix: str = "", widget=None) -> None:
         settle(app)
         path = out / f"{len(shots) + 1:02d}-{key}{suffix}.png"
         image = (widget or window).grab().toImage()
-        if args.palette:
+        if palette:
             image = palette_image(image)
         image.save(str(path), "PNG", 0)
         shots.append(path)
         _log(f"saved {path.name}")
 
+    return shot, shots
+
+
+def shoot_setup_pages(app, window, shot) -> None:
+    """The Model, Layers and Data pages, once the model's facts and tokenizer are in."""
+    from studio import workers
+
+    state = window.state
     wait_until(app, lambda: state.model_info is not None or state.model_error, 600, "the model's facts")
     wait_until(app, lambda: state.tokenizer is not None or state.model_error, 300, "the tokenizer")
     for key in ("model", "layers", "data"):
@@ -265,31 +265,44 @@ def main(argv: list[str] | None = None) -> int:
         wait_until(app, lambda: not workers.running(), 300, f"the {key} page")
         shot(key)
 
-    # a run in progress
-    train = window.page("train")
-    if train is not None:
-        state.config.lora.targets, state.config.lora.rank, state.config.lora.alpha = "all-linear", 16, 32.0
-        state.config.train.steps, state.config.train.lr, state.config.train.eval_every = 200, 1e-3, 3
-        state.config.train.warmup = 2  # the learning rate's warmup shows in its plot below the loss
-        state.config.data.val_split, state.config.data.max_length = 0.1, 160
-        state.config.name = LIVE
-        state.changed("all")
-        window.show_page("train")
-        if train.start():
-            steps = {"n": 0}
-            train.worker.progress.connect(lambda ev: steps.__setitem__("n", steps["n"] + hasattr(ev, "tokens")))
-            wait_until(app, lambda: steps["n"] >= args.live_steps, 900, "the live run's steps")
-            shot("train", "-running")
-            # the run holds the model: Generate on the Playground is refused with the run's name
-            window.show_page("playground")
-            window.page("playground").generate_button.click()
-            shot("job-refused")
-            window.message_bar.hide()
-            window.show_page("train")
-            train.stop()
-            wait_until(app, lambda: train.worker is None and not workers.running(), 600, "the run to stop")
 
-    library = window.page("library")
+def shoot_live_run(app, window, shot, live_steps: int) -> None:
+    """A run in progress on the Train page, and Generate on the Playground refused while it holds the
+    model; then the run is stopped."""
+    from studio import workers
+
+    state, train = window.state, window.page("train")
+    if train is None:
+        return
+    state.config.lora.targets, state.config.lora.rank, state.config.lora.alpha = "all-linear", 16, 32.0
+    state.config.train.steps, state.config.train.lr, state.config.train.eval_every = 200, 1e-3, 3
+    state.config.train.warmup = 2  # the learning rate's warmup shows in its plot below the loss
+    state.config.data.val_split, state.config.data.max_length = 0.1, 160
+    state.config.name = LIVE
+    state.changed("all")
+    window.show_page("train")
+    if not train.start():
+        return
+    steps = {"n": 0}
+    train.worker.progress.connect(lambda ev: steps.__setitem__("n", steps["n"] + hasattr(ev, "tokens")))
+    wait_until(app, lambda: steps["n"] >= live_steps, 900, "the live run's steps")
+    shot("train", "-running")
+    # the run holds the model: Generate on the Playground is refused with the run's name
+    window.show_page("playground")
+    window.page("playground").generate_button.click()
+    shot("job-refused")
+    window.message_bar.hide()
+    window.show_page("train")
+    train.stop()
+    wait_until(app, lambda: train.worker is None and not workers.running(), 600, "the run to stop")
+
+
+def shoot_library(app, window, shot):
+    """The model loaded and the first run's adapter applied from the Library, its ΔW analysis, and the
+    GGUF export dialog; returns the Library page."""
+    from studio.widgets import gguf_dialog
+
+    state, library = window.state, window.page("library")
     window.show_page("library")
     library.reload()
     library.load_model()
@@ -303,8 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     library.tabs.setCurrentWidget(library.delta)
     wait_until(app, lambda: library.analysis_worker is None, 300, "the ΔW analysis")
     shot("library", "-delta")
-    from studio.widgets import gguf_dialog
-
     entry = next(e for e in library.model.entries if e.name == RUNS[0][0])
     dialog = gguf_dialog.GgufExportDialog(str(Path.home() / f"SmolLM2-135M-Instruct-{entry.name}-gguf"),
                                           parameters=(state.model_info.summary or {}).get("parameters"),
@@ -313,14 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     dialog.show()
     shot("export-gguf", widget=dialog)
     dialog.close()
+    return library
 
+
+def shoot_compare_and_playground(app, window, library, run_dirs: list[Path], shot) -> None:
+    """The three runs on Compare runs, and the base model and the first adapter answering side by side."""
     compare = window.page("compare")
     if compare is not None:
         window.show_page("compare")
         compare.refresh()
         compare.set_checked([str(r) for r in run_dirs])
         shot("compare")
-
     playground = window.page("playground")
     window.show_page("playground")
     playground.refresh()
@@ -333,6 +347,29 @@ def main(argv: list[str] | None = None) -> int:
     wait_until(app, lambda: playground.worker is None, 600, "the answers")
     shot("playground")
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    use_studio_home(args.home)
+    model = args.model if args.model == "default" else str(Path(args.model).expanduser().resolve())
+    run_dirs = make_library(model, args.steps)
+
+    from studio.app import MainWindow, make_app
+
+    app = make_app()
+    window = MainWindow(background=False)
+    window.resize(width, height)
+    window.state.config.model.source = model
+    window.show()
+    window.state.refresh_model_info()
+    shot, shots = make_shooter(app, window, out, args.palette)
+    shoot_setup_pages(app, window, shot)
+    shoot_live_run(app, window, shot, args.live_steps)
+    library = shoot_library(app, window, shot)
+    shoot_compare_and_playground(app, window, library, run_dirs, shot)
     shoot_evaluate_and_sweep(app, window, run_dirs, shot, args.sweep_steps)
     window.close()
     _log(f"{len(shots)} screenshots in {out}")
