@@ -19,9 +19,19 @@ the trainer does (core.loss: chunked through the head); PEFT keeps its default (
 optimizer (core.train.make_adamw, fused AdamW). The floor freezes every weight, takes the labels loss
 and back-propagates to the input embeddings' output.
 
-``--variant NAME=FILE`` adds another version of the engine's ``core/lora.py`` (for instance
-``git show COMMIT:core/lora.py > /tmp/lora_old.py``) as a fourth method ``ours:NAME`` in the same
-rotation, and reports ours ÷ ours:NAME: what a change to the engine bought, measured the same way.
+``--variant NAME=FILE`` adds another version of the engine as a fourth method ``ours:NAME`` in the
+same rotation, and reports ours ÷ ours:NAME: what a change to the engine bought, measured the same
+way. FILE is a copy of either of the engine's two modules, told apart by what it defines:
+
+* ``core/lora.py`` (it defines ``inject_adapter``; ``git show COMMIT:core/lora.py > /tmp/lora_old.py``):
+  the layer and the model-level API, with the autograd functions of ``core/lora_autograd.py``, or with
+  its own if it comes from before they moved there;
+* ``core/lora_autograd.py`` (it defines the autograd functions and no ``inject_adapter``;
+  ``git show COMMIT:core/lora_autograd.py > /tmp/autograd_old.py``): the current ``core/lora.py``,
+  run on these autograd functions instead.
+
+The same NAME given twice, once with each, makes one variant of both: a commit that changed both
+modules (``--variant old=/tmp/lora_old.py --variant old=/tmp/autograd_old.py``).
 
 ``--infer`` measures inference instead, the same way: forward latency (inference mode, no labels)
 of the base model, of the model with a random-B adapter merged, and with it active but unmerged;
@@ -36,22 +46,59 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 
 METHODS = ("ours", "peft", "floor")
 INFER_METHODS = ("infer-base", "infer-merged", "infer-unmerged")
 
 
-def load_variant(name: str, file: str):
-    """Load another version of core/lora.py as a module of its own (it imports core.errors only)."""
+def defined_in(file: str) -> set[str]:
+    """The names of the functions and classes ``file`` defines at its top level (read, not run)."""
+    import ast
+
+    tree = ast.parse(Path(file).read_text(encoding="utf-8"), filename=file)
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def engine_module(file: str) -> str | None:
+    """Which of the engine's modules ``file`` is a copy of: "lora" (core/lora.py: it defines
+    inject_adapter), "autograd" (core/lora_autograd.py: the autograd functions, no inject_adapter), or
+    None."""
+    defined = defined_in(file)
+    if "inject_adapter" in defined:
+        return "lora"
+    return "autograd" if "_LoRAFunction" in defined else None
+
+
+def _module_from(module_name: str, file):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"lora_variant_{name}", file)
+    spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_variant(name: str, files: dict[str, str]):
+    """Another version of core/lora.py as a module of its own: ``files["lora"]`` (default: the
+    current core/lora.py), which imports ``files["autograd"]`` in place of core.lora_autograd when
+    that is given (``files`` as :func:`engine_module` names them)."""
+    lora_file = files.get("lora", ROOT / "core" / "lora.py")
+    if "autograd" not in files:
+        return _module_from(f"lora_variant_{name}", lora_file)
+    # lora.py's `from core.lora_autograd import ...` takes what sys.modules holds under that name
+    saved = sys.modules.get("core.lora_autograd")
+    sys.modules["core.lora_autograd"] = _module_from(f"lora_autograd_variant_{name}", files["autograd"])
+    try:
+        return _module_from(f"lora_variant_{name}", lora_file)
+    finally:
+        if saved is None:
+            sys.modules.pop("core.lora_autograd")
+        else:
+            sys.modules["core.lora_autograd"] = saved
 
 
 def build_infer(method: str, folder: Path, args, x):
@@ -136,7 +183,8 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    """The options, and ``{"ours:NAME": module}`` for each ``--variant``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="'default' (the bundled SmolLM2-135M-Instruct) or a local folder")
     p.add_argument("--batch", type=int, default=4)
@@ -153,21 +201,31 @@ def main(argv=None) -> int:
                    help="accepted for older commands; both LoRA methods now use the trainer's optimizer "
                         "(core.train.make_adamw: fused AdamW where torch has it)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
-                   help="another version of core/lora.py, timed as method ours:NAME (repeatable)")
+                   help="another version of core/lora.py or of core/lora_autograd.py (told apart by what it "
+                        "defines), timed as method ours:NAME (repeatable; the same NAME with one of each "
+                        "makes one variant of both)")
     p.add_argument("--infer", action="store_true",
                    help="time inference instead: base, adapter merged, adapter unmerged")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    variants = {}
+    files: dict[str, dict[str, str]] = {}
     for v in args.variant:
         name, sep, file = v.partition("=")
-        if not sep or not name or not Path(file).is_file():
-            p.error(f"--variant {v}: expected NAME=FILE with FILE a copy of core/lora.py")
-        variants[f"ours:{name}"] = load_variant(name, file)
-    methods = INFER_METHODS if args.infer else METHODS + tuple(variants)
-    if args.infer and variants:
+        module = engine_module(file) if sep and name and Path(file).is_file() else None
+        if module is None:
+            p.error(f"--variant {v}: expected NAME=FILE with FILE a copy of core/lora.py or core/lora_autograd.py")
+        if module in files.setdefault(name, {}):
+            p.error(f"--variant {v}: {name} has a copy of that module already ({files[name][module]})")
+        files[name][module] = file
+        if len(files[name]) == 2 and "_LoRAFunction" in defined_in(files[name]["lora"]):
+            p.error(f"--variant {v}: {files[name]['lora']} has its autograd functions inside; give it alone")
+    if args.infer and files:
         p.error("--variant times training steps; leave it out with --infer")
+    return args, {f"ours:{name}": load_variant(name, f) for name, f in files.items()}
 
+
+def prepare(methods, args, variants):
+    """Every method built and warmed up on one token batch: ``(steps, trainable, first_losses, info)``."""
     import torch
 
     if args.threads:
@@ -182,18 +240,23 @@ def main(argv=None) -> int:
     for m in methods:
         steps[m], trainable[m] = build(m, folder, args, x, variants.get(m))
         first_losses[m] = [steps[m]() for _ in range(args.warmup)]
-    started = time.time()
+    return steps, trainable, first_losses, info
 
+
+def measure(methods, steps, rounds: int):
+    """Wall and CPU seconds of each method's steps, round by round in rotating order."""
     def progress(r, done):
         if (r + 1) % 10 == 0:
             print(f"  round {r + 1}: " + "  ".join(f"{m} {1000 * done[m][-1][0]:.0f} ms" for m in methods),
                   file=sys.stderr)
 
-    figures = common.rotating_rounds(methods, args.rounds, lambda m: common.wall_and_cpu(steps[m]),
+    figures = common.rotating_rounds(methods, rounds, lambda m: common.wall_and_cpu(steps[m]),
                                      each_round=progress)
-    times = {m: [w for w, _ in figures[m]] for m in methods}
-    cpu = {m: [c for _, c in figures[m]] for m in methods}
+    return {m: [w for w, _ in figures[m]] for m in methods}, {m: [c for _, c in figures[m]] for m in methods}
 
+
+def round_ratios(args, variants, times, cpu) -> dict[str, list[float]]:
+    """The ratios reported, each taken within every round."""
     def within(a, b, t=times):
         return [x / y for x, y in zip(t[a], t[b])]
 
@@ -209,6 +272,11 @@ def main(argv=None) -> int:
     for m in variants:
         ratios[f"ours/{m}"] = within("ours", m)
         ratios[f"{m}/floor"] = within(m, "floor")
+    return ratios
+
+
+def report(args, methods, times, cpu, trainable, ratios, first_losses) -> dict:
+    """Print the table of medians and ratios; return the ratios' median and quartiles."""
     print(f"{args.batch} x {args.seq} tokens, r={args.rank}, alpha={args.alpha:g}, {args.targets}, {args.dtype} on "
           f"{args.device}; {args.rounds} rounds, order rotating")
     print(f"{'method':<16}{'median step':>13}{'CPU time':>11}{'trainable':>13}")
@@ -227,6 +295,17 @@ def main(argv=None) -> int:
     else:
         diff = max(abs(a - b) for a, b in zip(first_losses["ours"], first_losses["peft"]))
         print(f"first losses ours vs PEFT differ by at most {diff:.2e}")
+    return summary
+
+
+def main(argv=None) -> int:
+    args, variants = parse_args(argv)
+    methods = INFER_METHODS if args.infer else METHODS + tuple(variants)
+    steps, trainable, first_losses, info = prepare(methods, args, variants)
+    started = time.time()
+    times, cpu = measure(methods, steps, args.rounds)
+    ratios = round_ratios(args, variants, times, cpu)
+    summary = report(args, methods, times, cpu, trainable, ratios, first_losses)
     print(f"machine: {common.describe(info)}; {time.time() - started:.0f} s")
     common.write_json(args.json_out, {
         "benchmark": "train_step_paired", "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
