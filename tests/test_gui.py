@@ -109,6 +109,48 @@ def test_modules_imported_after_qt_leave_no_source_in_memory(tmp_path):
     assert p.stdout.split() == ["True", "False", "False", "0", "-1"]  # the guard also drops what was kept
 
 
+def test_cycles_made_in_a_worker_thread_are_collected_in_the_gui_thread():
+    """studio.gc_guard: with it, garbage cycles a worker makes are freed by the GUI thread's timer
+    (a cycle holding a widget freed in a worker aborts Qt); without it, Python collects them in the
+    worker thread that crossed the threshold, which the second run shows."""
+    code = textwrap.dedent("""
+        import gc, sys, threading, time
+        from PySide6.QtWidgets import QApplication
+        from studio import gc_guard
+        app = QApplication([])
+        if sys.argv[1] == "guard":
+            assert gc_guard.install() and not gc.isenabled()
+        freed = []
+
+        class Node:
+            def __init__(self):
+                self.me = self  # a cycle: only the collector frees it
+            def __del__(self):
+                freed.append(threading.current_thread() is threading.main_thread())
+
+        def work():
+            for _ in range(20_000):
+                Node()
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        deadline = time.monotonic() + 3
+        while len(freed) < 19_000 and time.monotonic() < deadline:
+            app.processEvents()
+            time.sleep(0.01)
+        print(len(freed) >= 19_000, all(freed))
+    """)
+    runs = {}
+    for mode in ("guard", "none"):
+        p = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
+        assert p.returncode == 0, p.stderr
+        runs[mode] = p.stdout.split()
+    assert runs["guard"] == ["True", "True"]  # all freed, all in the GUI thread
+    assert runs["none"][1] == "False"  # without the guard the worker thread collected some
+
+
 def test_sidebar_order_and_shortcuts(qtbot):
     from PySide6.QtCore import Qt
 
