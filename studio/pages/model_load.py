@@ -79,9 +79,7 @@ class LoadPanel(QWidget):
         self.label.setText(f"{message[:1].upper()}{message[1:]}…")  # the bar keeps to its %
 
     def _on_finished(self, loaded) -> None:
-        self.state.set_loaded(loaded)  # the job gave it to the session; this announces it now
-        held = "" if loaded.quantize == "none" else f", linear layers in {loaded.quantize}"
-        self.label.setText(f"Loaded on {loaded.device} in {str(loaded.dtype).replace('torch.', '')}{held}")
+        self.state.set_loaded(loaded)  # the job gave it to the session, which announces it (_on_loaded)
 
     def _on_failed(self, message: str) -> None:
         self.label.setText("Loading failed")
@@ -94,9 +92,13 @@ class LoadPanel(QWidget):
         self.progress.hide()
 
     def _on_loaded(self, loaded) -> None:
+        """Whichever job loaded it (this page, the Playground, a run): what the window now holds."""
         self.load_button.setText("Reload model" if loaded is not None else "Load model")
         if loaded is None:
             self.label.setText("")
+            return
+        held = "" if loaded.quantize == "none" else f", linear layers in {loaded.quantize}"
+        self.label.setText(f"Loaded on {loaded.device} in {str(loaded.dtype).replace('torch.', '')}{held}")
 
     def _on_model_progress(self, message: str, fraction: float) -> None:
         """What the state's model jobs are doing, from the first frame: loading torch, reading the
