@@ -142,12 +142,9 @@ def combine_into_library(root: str, entry_ids: list[str], weights: list[float], 
                                         notes=notes)
 
 
-def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float], mode: str, rank: int | None,
-                        out: str, dtype: str | None = None, *, progress=lambda item: None, cancelled=lambda: False):
-    """core.export.export_merged (weights saved in ``dtype``: fp32, bf16, fp16 or auto) with
-    progress as ``(message, fraction)``; a cancel ends it at the next progress report. It merges into
-    a fresh copy of the base, so it only reads the session's model (its spec)."""
-    from core import export
+def _reporter(progress, cancelled):
+    """A ``(message, fraction)`` progress callback for core code that passes each report on as one
+    tuple and ends the job with Cancelled at the first report after a cancel."""
     from core.errors import Cancelled
 
     def report(message: str, fraction: float) -> None:
@@ -155,8 +152,18 @@ def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float]
             raise Cancelled()
         progress((message, fraction))
 
+    return report
+
+
+def export_merged_model(spec_or_loaded, folders: list[str], weights: list[float], mode: str, rank: int | None,
+                        out: str, dtype: str | None = None, *, progress=lambda item: None, cancelled=lambda: False):
+    """core.export.export_merged (weights saved in ``dtype``: fp32, bf16, fp16 or auto) with
+    progress as ``(message, fraction)``; a cancel ends it at the next progress report. It merges into
+    a fresh copy of the base, so it only reads the session's model (its spec)."""
+    from core import export
+
     return export.export_merged(spec_or_loaded, folders, weights, combine=mode, rank=rank, out=out,
-                                dtype=dtype, progress=report)
+                                dtype=dtype, progress=_reporter(progress, cancelled))
 
 
 def load_into_session(ticket, spec: str, device: str, precision: str, trust: bool, quantize: str = "none", *,
@@ -169,13 +176,8 @@ def load_into_session(ticket, spec: str, device: str, precision: str, trust: boo
     old weights are freed before the new ones are read), at the price of no model when the load
     fails or is cancelled, which the window shows."""
     from core import models
-    from core.errors import Cancelled
 
-    def report(message: str, fraction: float) -> None:
-        if cancelled():
-            raise Cancelled()
-        progress((message, fraction))
-
+    report = _reporter(progress, cancelled)
     if ticket.session.loaded is not None:
         ticket.session.set_loaded(None, ticket=ticket)
     loaded = models.load_model(spec, device=device, precision=precision, trust_remote_code=trust,
