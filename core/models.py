@@ -19,6 +19,7 @@ Here: :func:`load_config`, :func:`meta_model` (shapes without weights), :func:`l
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,14 +322,19 @@ def _from_pretrained(ref: ModelRef, folder: Path, config, dtype: torch.dtype, tr
 
     from core import quant
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"output_loading_info": True}
     if method != "none":
         kwargs["quantization_config"] = quant.bnb_config(method, dtype)
+    else:  # a weight of another shape is refused below by name, not by transformers' table and error
+        kwargs["ignore_mismatched_sizes"] = True
     if device is not None:
         kwargs["device_map"] = {"": device}
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True,
-                                                    trust_remote_code=trust, **kwargs)
+        with _transformers_quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                               use_safetensors=True, trust_remote_code=trust, **kwargs)
+        _check_loading(ref, folder, info)
+        return model
     except StudioError:
         raise
     except Exception as e:  # safetensors' and bitsandbytes' errors have no common base class; name the folder
@@ -339,6 +345,40 @@ def _from_pretrained(ref: ModelRef, folder: Path, config, dtype: torch.dtype, tr
         raise StudioError(f"--model {ref.spec}: loading the weights from {folder} failed "
                           f"({type(e).__name__}: {_first_line(e)})",
                           hint="download or copy the model again") from None
+
+
+@contextmanager
+def _transformers_quiet():
+    """transformers' warnings off for one load: its report of missing or reshaped weights is a
+    table on stderr, and the load is checked and refused in one line instead (_check_loading)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _check_loading(ref: ModelRef, folder: Path, info: dict) -> None:
+    """Refuse a model some of whose weights were not in the files (transformers then initialises
+    them at random and only warns: training would start from noise) or had another shape than the
+    config says: config.json and the weights are from different models."""
+    missing = sorted(info.get("missing_keys") or ())
+    reshaped = sorted(info.get("mismatched_keys") or (), key=lambda m: str(m[0]))
+    if not missing and not reshaped:
+        return
+    if reshaped:
+        name, stored, wanted = reshaped[0]
+        what = (f"{len(reshaped)} weight{'s' if len(reshaped) != 1 else ''} in the files have another shape "
+                f"than its config.json says (first: {name} is {tuple(stored)}, the config makes it {tuple(wanted)})")
+    else:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        what = f"{len(missing)} weight{'s' if len(missing) != 1 else ''} its config.json asks for are not in the files ({shown})"
+    where = f"--model {ref.spec}" + (f" ({folder})" if str(folder) != str(ref.spec) else "")
+    raise StudioError(f"{where}: {what}; the config and the weights are from different models",
+                      hint="download or copy the model again, or put the matching config.json beside the weights")
 
 
 _MOVED_TO_ESTIMATE = ("estimate_memory", "ALLOCATOR_ALLOWANCE", "_layer_bytes_per_token", "_estimate")

@@ -272,6 +272,27 @@ def test_truncated_safetensors_names_the_file(checkpoint):
         models.checkpoint_folder(str(checkpoint))
 
 
+def test_a_config_that_does_not_match_the_weights_is_refused_not_filled_with_noise(checkpoint, capfd):
+    """transformers initialises weights missing from the files at random and only warns (a layer
+    of noise to train on); a weight of another shape is its error pointing at a table. Both are
+    one message naming the folder and the first weights."""
+    path = checkpoint / "config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(cfg, num_hidden_layers=cfg["num_hidden_layers"] + 1)))
+    with pytest.raises(StudioError, match=r"9 weights its config.json asks for are not in the files "
+                                          r"\(model.layers.2.input_layernorm.weight, .* and 6 more\); the "
+                                          "config and the weights are from different models") as e:
+        models.load_model(str(checkpoint), device="cpu")
+    assert str(e.value).startswith(f"--model {checkpoint}: ")
+    path.write_text(json.dumps(dict(cfg, hidden_size=2 * cfg["hidden_size"])))
+    with pytest.raises(StudioError, match=r"weights in the files have another shape than its config.json says "
+                                          r"\(first: lm_head.weight is \(\d+, 32\), the config makes it \(\d+, 64\)\)"):
+        models.load_model(str(checkpoint), device="cpu")
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table is not shown beside the message
+    path.write_text(json.dumps(cfg))
+    assert models.load_model(str(checkpoint), device="cpu").model is not None
+
+
 def test_gguf_of_unsupported_architecture(tmp_path):
     bad = write_tiny_gguf(tmp_path / "odd.gguf", arch="made-up-arch")
     with pytest.raises(StudioError, match="'made-up-arch'.*does not support") as e:
