@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from core.encoded import IGNORE, Encoded, EncodedSet
+from core.encoded import IGNORE, Encoded, EncodedSet, release_pages
 from core.home import studio_home
 
 KEEP = 6
@@ -230,7 +230,7 @@ def _trim() -> None:
 def trained_per_example(s: EncodedSet, block: int = 65536) -> np.ndarray:
     """Trained tokens of each example of an EncodedSet after the one-token shift (``labels[1:]``),
     computed block by block: a running sum over the whole set would widen its mask to 8 bytes a
-    token at once (800 MB for 100 million tokens). A packed sequence's examples each lose their
+    token at once (800 MB for 100 million tokens), and the mapped pages each block read are let go. A packed sequence's examples each lose their
     first token too (see core.encoded.EncodedSet)."""
     n = len(s)
     out = np.zeros(n, np.int64)
@@ -240,6 +240,7 @@ def trained_per_example(s: EncodedSet, block: int = 65536) -> np.ndarray:
         cs = np.concatenate([[0], np.cumsum(s.trained[lo:hi], dtype=np.int64)])
         starts, ends = s.offsets[a:b] - lo, s.offsets[a + 1:b + 1] - lo
         out[a:b] = np.where(ends > starts, cs[ends] - cs[np.minimum(starts + 1, ends)], 0)
+        release_pages(s.trained)  # the pages this block read: the whole mask never stays resident
     if s.starts is not None:
         inner = np.setdiff1d(s.starts, s.offsets[:-1], assume_unique=True)  # not a sequence's first token
         out -= np.bincount(np.searchsorted(s.offsets, inner, side="right") - 1,

@@ -12,6 +12,27 @@ import numpy as np
 IGNORE = -100
 """The label of a token the loss skips (PyTorch's cross-entropy ``ignore_index``)."""
 
+SCAN_BLOCK = 1 << 24
+"""Tokens a whole-set pass over a memory-mapped array reads at a time (16 Mi: 16 MB of the mask)."""
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Let go of the pages of the file mapped under ``arr`` (a ``np.memmap`` or a view of one) that
+    this process has read; the next read maps them again from the page cache. A pass over a whole
+    memory-mapped set (counting its trained tokens) otherwise leaves every page it touched counted
+    in the process's resident memory: 170 MB for the mask of a 1,000,000-row dataset, at the first
+    training step. In-memory arrays and systems without ``madvise`` are left as they are."""
+    import mmap
+
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            base.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
 
 @dataclass
 class Encoded:
@@ -110,7 +131,11 @@ class EncodedSet(Sequence):
 
     @property
     def trained_tokens(self) -> int:
-        return int(self.trained.sum())
+        total = 0
+        for a in range(0, len(self.trained), SCAN_BLOCK):
+            total += int(self.trained[a:a + SCAN_BLOCK].sum())
+            release_pages(self.trained)
+        return total
 
 
 class SetBuilder:
