@@ -21,11 +21,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from core.encoded import IGNORE
 from core.errors import StudioError
 from core.loss import loss_sum as head_loss_sum
 from core.train_events import EvalEvent, RunResult, StepEvent
-
-IGNORE = -100
 
 
 def _is_oom(e: BaseException) -> bool:
