@@ -114,8 +114,7 @@ class LibraryModelSide:
             return
         m = self.state.config.model
         self._run_job("Loading the model", library_jobs.load_into_session, ticket, m.source, m.device, m.precision,
-                      m.trust_remote_code, m.quantize, on_done=lambda _loaded: self.state.set_loaded(self.state.loaded),
-                      cancellable=False, ticket=ticket)
+                      m.trust_remote_code, m.quantize, cancellable=False, ticket=ticket)
 
     # -- ΔW analysis ------------------------------------------------------------------------------
     def _maybe_analyse(self) -> None:

@@ -62,7 +62,6 @@ class LoadPanel(QWidget):
         self.progress.setValue(0)
         self.label.setText("Loading the model…")
         w.progress.connect(self._on_progress)
-        w.finished.connect(self._on_finished)
         w.failed.connect(self._on_failed)
         w.cancelled.connect(lambda: self.label.setText("Loading cancelled"))
         w.done.connect(self._done)
@@ -77,9 +76,6 @@ class LoadPanel(QWidget):
         message, fraction = p
         self.progress.setValue(int(1000 * fraction))
         self.label.setText(f"{message[:1].upper()}{message[1:]}…")  # the bar keeps to its %
-
-    def _on_finished(self, loaded) -> None:
-        self.state.set_loaded(loaded)  # the job gave it to the session, which announces it (_on_loaded)
 
     def _on_failed(self, message: str) -> None:
         self.label.setText("Loading failed")

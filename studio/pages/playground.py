@@ -215,7 +215,6 @@ class PlaygroundPage(Page):
         self.load_bar.setFormat("loading the model…")
         self.load_bar.show()
         w.progress.connect(self._load_progress)
-        w.finished.connect(self._loaded)
         w.failed.connect(self.state.show_error)
         w.done.connect(self._load_done)
         workers.start(w, owner=self, ticket=ticket)
@@ -225,9 +224,6 @@ class PlaygroundPage(Page):
         message, fraction = p
         self.load_bar.setValue(int(100 * fraction))
         self.load_bar.setFormat(f"{message} (%p%)")
-
-    def _loaded(self, loaded) -> None:
-        self.state.set_loaded(self.state.loaded)  # announces the model the job gave the session
 
     def _load_done(self) -> None:
         self.load_worker = None
